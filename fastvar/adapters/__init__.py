@@ -1,0 +1,19 @@
+"""One adapter per model family; ``find_adapter`` picks the one that recognises a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastvar.adapters.base import Adapter
+from fastvar.adapters.var import VarAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter,)
+
+
+def find_adapter(model: nn.Module) -> type[Adapter]:
+    """The adapter of ``model``'s family; ``TypeError`` naming the supported families otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    supported = "; ".join(a.description for a in ADAPTERS)
+    raise TypeError(f"fastvar cannot patch a {type(model).__name__}: supported families are {supported}")

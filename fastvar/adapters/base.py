@@ -1,0 +1,51 @@
+"""What fastvar needs to know about a model family to patch it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from fastvar.config import FastVARConfig
+from fastvar.summary import CostModel
+
+
+def has_class_named(obj: object, name: str) -> bool:
+    """Recognise a class by name along the MRO, so that the upstream package need not be imported."""
+    return any(cls.__name__ == name for cls in type(obj).__mro__)
+
+
+class Adapter:
+    """One model family. Subclasses fill in every attribute and method below."""
+
+    family: str
+    description: str  # how a supported model is recognised, for error messages
+    presets: dict[str, FastVARConfig]
+    default_preset = "default"
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def blocks(model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    @staticmethod
+    def scale_shapes(model: nn.Module) -> list[tuple[int, int]]:
+        """(h, w) of every scale of the schedule the model runs by default."""
+        raise NotImplementedError
+
+    @staticmethod
+    def cost_model(model: nn.Module) -> CostModel:
+        raise NotImplementedError
+
+    @staticmethod
+    def block_class(parent: type) -> type:
+        """A subclass of the block class whose forward applies the shared FastVAR state."""
+        raise NotImplementedError
+
+    @staticmethod
+    def root_class(parent: type) -> type:
+        """A subclass of the root class whose sampling honours scale skipping."""
+        raise NotImplementedError

@@ -1,0 +1,154 @@
+"""What to prune and skip, and its resolution against one model's scale schedule.
+
+Scales are named by position in the schedule (0 is the 1x1 map, -1 the last), never by width, so one
+config serves every resolution and aspect ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fastvar.pruning import kept_count
+
+PruneRule = Mapping[int, float] | Callable[[int, int], float]
+LayerRule = Iterable[int] | Callable[[int, int], bool] | None
+
+
+@dataclass(frozen=True)
+class FastVARConfig:
+    """A FastVAR schedule.
+
+    prune: scale position -> ratio of tokens pruned there, or ``fn(scale_index, num_scales) -> ratio``.
+        A ratio of 0 runs every token; 1 keeps none (use ``skip_last`` to drop whole scales).
+    skip_last: how many final scales are not run at all; the image is decoded from the others.
+    cache_scale: position of the scale whose branch outputs fill pruned slots
+        (default: the scale before the first pruned one).
+    layers: block indices that prune (negative from the last), or ``fn(layer, depth) -> bool``;
+        None means every block.
+    """
+
+    prune: PruneRule = field(default_factory=dict)
+    skip_last: int = 0
+    cache_scale: int | None = None
+    layers: LayerRule = None
+
+    def __post_init__(self):
+        if isinstance(self.prune, Mapping):
+            for position, ratio in self.prune.items():
+                check_ratio(ratio, f"prune[{position}]")
+        elif not callable(self.prune):
+            raise TypeError(f"prune must be a mapping {{scale position: ratio}} or a callable, got {self.prune!r}")
+        if not isinstance(self.skip_last, int) or self.skip_last < 0:
+            raise ValueError(f"skip_last must be a non-negative int, got {self.skip_last!r}")
+        if not (self.layers is None or callable(self.layers)):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def replace(self, **overrides) -> FastVARConfig:
+        """A copy with some fields changed; unknown names raise ``TypeError`` listing the fields."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown FastVARConfig field(s) {unknown}; accepted: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int) -> Schedule:
+        """The per-scale plan for a model with these scale shapes (h, w) and ``depth`` blocks.
+
+        Raises ``ValueError`` for scales or layers the model does not have and contradictory settings.
+        """
+        K = len(shapes)
+        tokens = tuple(h * w for h, w in shapes)
+        if self.skip_last >= K:
+            raise ValueError(f"skip_last={self.skip_last} leaves no scale to run; the model has {K} scales")
+        executed = K - self.skip_last
+        ratios = self._ratios(K)
+        pruned = [si for si, r in enumerate(ratios) if r > 0]
+        for si in pruned:
+            if si >= executed:
+                raise ValueError(f"scale {si} of {K} is both pruned and skipped (skip_last={self.skip_last})")
+        keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
+        layers = frozenset(self._layers(depth)) if pruned else frozenset()
+        cache_scale = self._cache_scale(K, pruned)
+        return Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
+                        layers=layers, depth=depth)
+
+    def _ratios(self, K: int) -> list[float]:
+        if callable(self.prune):
+            return [check_ratio(self.prune(si, K), f"prune({si}, {K})") for si in range(K)]
+        ratios = [0.0] * K
+        for position, ratio in self.prune.items():
+            ratios[scale_index(position, K, "prune")] = ratio
+        return ratios
+
+    def _layers(self, depth: int) -> list[int]:
+        if self.layers is None:
+            return list(range(depth))
+        if callable(self.layers):
+            return [i for i in range(depth) if self.layers(i, depth)]
+        out = []
+        for i in self.layers:
+            if not -depth <= i < depth:
+                raise ValueError(f"layer {i} does not exist: the model has {depth} blocks (0..{depth - 1})")
+            out.append(i % depth)
+        return out
+
+    def _cache_scale(self, K: int, pruned: list[int]) -> int | None:
+        if not pruned:
+            return None
+        if self.cache_scale is None:
+            if pruned[0] == 0:
+                raise ValueError("scale 0 is pruned, so no earlier scale can be cached; prune later scales")
+            return pruned[0] - 1
+        cache = scale_index(self.cache_scale, K, "cache_scale")
+        if cache >= pruned[0]:
+            raise ValueError(f"cache_scale {self.cache_scale} (index {cache}) must come before the first pruned "
+                             f"scale (index {pruned[0]})")
+        return cache
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A config resolved against one scale schedule: what every scale and block does."""
+
+    shapes: tuple[tuple[int, int], ...]
+    keep: tuple[int | None, ...]  # tokens run in pruning layers at each scale; None: all of them
+    executed: int  # the first `executed` scales run; the rest are skipped
+    cache_scale: int | None
+    layers: frozenset[int]  # the blocks that prune
+    depth: int
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(h * w for h, w in self.shapes)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the model runs exactly as unpatched."""
+        return self.executed == len(self.shapes) and not self.layers
+
+    def tokens_run(self, si: int, layer: int) -> int:
+        """Tokens block ``layer`` processes at scale ``si`` (0 when the scale is skipped)."""
+        if si >= self.executed:
+            return 0
+        keep = self.keep[si]
+        return keep if keep is not None and layer in self.layers else self.tokens[si]
+
+    def scale_of_length(self) -> dict[int, int]:
+        """Token count -> scale index, to recognise the scale of a block input."""
+        return {n: si for si, n in enumerate(self.tokens)}
+
+
+def check_ratio(ratio: float, what: str) -> float:
+    if not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{what} = {ratio!r}: a pruning ratio must be a number in [0, 1]")
+    return float(ratio)
+
+
+def scale_index(position: int, num_scales: int, what: str) -> int:
+    """Index of scale ``position`` (negative counts from the last)."""
+    if not isinstance(position, int) or not -num_scales <= position < num_scales:
+        raise ValueError(f"{what}: scale position {position!r} does not exist; this schedule has {num_scales} "
+                         f"scales (positions 0..{num_scales - 1} or -{num_scales}..-1)")
+    return position % num_scales

@@ -1,0 +1,1 @@
+"""fastvar's own model definitions, key-compatible with the official checkpoints."""

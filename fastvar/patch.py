@@ -1,0 +1,99 @@
+"""patch / unpatch: swap block classes in place, keep the shared state on the root module.
+
+Weights, hooks and ``state_dict`` are untouched: a patched block is the same object with a subclass
+of its class, made once per original class, that remembers the original as ``_fastvar_parent``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+from torch import nn
+
+from fastvar.adapters import find_adapter
+from fastvar.adapters.base import Adapter
+from fastvar.config import FastVARConfig
+from fastvar.state import FastVARState
+from fastvar.summary import Summary
+
+
+@functools.cache
+def _patched_class(parent: type, make: Callable[[type], type]) -> type:
+    cls = make(parent)
+    cls._fastvar_parent = parent
+    cls.__name__ = cls.__qualname__ = f"FastVAR{parent.__name__}"
+    return cls
+
+
+def _swap(module: nn.Module, make: Callable[[type], type]) -> None:
+    module.__class__ = _patched_class(type(module), make)
+
+
+def _config_of(adapter: type[Adapter], config: FastVARConfig | str | None,
+               overrides: dict) -> tuple[str | None, FastVARConfig]:
+    """The preset name (if any) and the config ``patch`` was asked for."""
+    preset = adapter.default_preset if config is None else config if isinstance(config, str) else None
+    if preset is not None:
+        if preset not in adapter.presets:
+            raise ValueError(f"unknown {adapter.family} preset {preset!r}; available: {sorted(adapter.presets)}")
+        config = adapter.presets[preset]
+    if not isinstance(config, FastVARConfig):
+        raise TypeError(f"config must be a FastVARConfig, a preset name or None, got {type(config).__name__}")
+    if overrides:
+        config, preset = config.replace(**overrides), None
+    return preset, config
+
+
+def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrides) -> nn.Module:
+    """Make ``model`` run FastVAR. ``config`` is a FastVARConfig, a preset name of the model's family
+    or None (the family's default preset); keyword arguments override its fields.
+
+    Patching a patched model reconfigures it. Raises ``TypeError`` for a model of no supported family
+    and ``ValueError`` for a config naming scales or layers the model does not have.
+    """
+    adapter = find_adapter(model)
+    preset, config = _config_of(adapter, config, overrides)
+    blocks = adapter.blocks(model)
+    schedule = config.resolve(adapter.scale_shapes(model), len(blocks))
+    _remove(model)
+    state = FastVARState(adapter.family, preset, config, schedule)
+    model._fastvar = state
+    _swap(model, adapter.root_class)
+    for layer, block in enumerate(blocks):
+        block._fastvar, block._fastvar_layer = state, layer
+        _swap(block, adapter.block_class)
+    return model
+
+
+def _remove(model: nn.Module) -> bool:
+    if not is_patched(model):
+        return False
+    model._fastvar.release()
+    for module in model.modules():
+        parent = type(module).__dict__.get("_fastvar_parent")
+        if parent is not None:
+            module.__class__ = parent
+        for name in ("_fastvar", "_fastvar_layer"):
+            module.__dict__.pop(name, None)
+    return True
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes and free every cache; a no-op, with a warning, if not patched."""
+    if not _remove(model):
+        warnings.warn(f"{type(model).__name__} is not patched by fastvar; nothing to undo", stacklevel=2)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("_fastvar"), FastVARState)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Per scale: tokens, tokens run per block, skipped or not; and the ideal FLOP ratio."""
+    if not is_patched(model):
+        raise ValueError(f"{type(model).__name__} is not patched; call fastvar.patch(model) first")
+    state = model._fastvar
+    return Summary.of(state.family, state.preset, state.schedule, find_adapter(model).cost_model(model))

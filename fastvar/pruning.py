@@ -1,0 +1,40 @@
+"""The FastVAR tensor operations: score tokens, keep the pivotal ones, restore the full map.
+
+Token maps are (B, L, C) with L = h * w tokens in raster order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kept_count(num_tokens: int, ratio: float) -> int:
+    """Tokens kept when pruning ``ratio`` of ``num_tokens`` (the official rounding)."""
+    return num_tokens - int(num_tokens * ratio)
+
+
+def token_scores(x: torch.Tensor) -> torch.Tensor:
+    """High-frequency energy of each token: squared L2 distance to its map's spatial mean. (B, L)."""
+    return (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=-1)
+
+
+def select_pivotal(x: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices (B, num_keep) of each row's highest-scoring tokens, best first."""
+    return token_scores(x).topk(num_keep, dim=1, sorted=True).indices
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The tokens ``idx`` (B, k) of ``x`` (B, L, C): (B, k, C)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def restore(
+    cached: torch.Tensor, cached_hw: tuple[int, int], fresh: torch.Tensor, idx: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    """The full (B, h*w, C) branch output: the cached map area-resized to ``hw``, with the freshly
+    computed tokens ``fresh`` (B, k, C) written at their positions ``idx`` (B, k)."""
+    B, _, C = cached.shape
+    grid = cached.reshape(B, *cached_hw, C).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=hw, mode="area").permute(0, 2, 3, 1).reshape(B, hw[0] * hw[1], C)
+    return resized.scatter(1, idx.unsqueeze(-1).expand(-1, -1, C), fresh)

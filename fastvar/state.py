@@ -1,0 +1,61 @@
+"""Per-model runtime state shared by the patched blocks: the schedule and the cached branch outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fastvar.config import FastVARConfig, Schedule
+from fastvar.pruning import gather_tokens, restore, select_pivotal
+
+Branch = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FastVARState:
+    """Lives on the root module (``_fastvar``); every patched block holds a reference to it."""
+
+    def __init__(self, family: str, preset: str | None, config: FastVARConfig, schedule: Schedule):
+        self.family, self.preset, self.config = family, preset, config
+        self.schedule = schedule
+        self._scale_of_length = schedule.scale_of_length()
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
+        """Resolve the config for a (new) scale schedule, e.g. another aspect ratio."""
+        if tuple(shapes) != self.schedule.shapes:
+            self.schedule = self.config.resolve(shapes, depth)
+            self._scale_of_length = self.schedule.scale_of_length()
+
+    def scale_of(self, num_tokens: int) -> int | None:
+        """The scale a block input of ``num_tokens`` tokens belongs to, if any."""
+        return self._scale_of_length.get(num_tokens)
+
+    def acts_on(self, si: int, layer: int) -> bool:
+        """Whether block ``layer`` prunes or caches at scale ``si``; if not it runs unchanged."""
+        s = self.schedule
+        return layer in s.layers and (si == s.cache_scale or s.keep[si] is not None)
+
+    def run_branch(self, layer: int, name: str, si: int, x: torch.Tensor, branch: Branch) -> torch.Tensor:
+        """The residual update of one branch (attention, FFN, ...) of block ``layer`` at scale ``si``.
+
+        At the cache scale the output is stored; at a pruned scale the branch runs on the pivotal
+        tokens only and the stored output, resized, fills the other positions.
+        """
+        keep = self.schedule.keep[si] if layer in self.schedule.layers else None
+        if keep is None:
+            out = branch(x)
+            if si == self.schedule.cache_scale and layer in self.schedule.layers:
+                self._cache[layer, name] = (out, self.schedule.shapes[si])
+            return out
+        if (layer, name) not in self._cache:
+            raise RuntimeError(f"block {layer} reached pruned scale {si} before its cache scale "
+                               f"{self.schedule.cache_scale} ran; run scales in order from the first")
+        idx = select_pivotal(x, keep)
+        fresh = branch(gather_tokens(x, idx))
+        cached, cached_hw = self._cache[layer, name]
+        return restore(cached, cached_hw, fresh, idx, self.schedule.shapes[si])
+
+    def release(self) -> None:
+        """Free the cached branch outputs (after each generation and on unpatch)."""
+        self._cache.clear()

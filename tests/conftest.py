@@ -1,0 +1,70 @@
+"""Shared fixtures: where the upstream reference data lies, and tiny VAR models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastvar.hub import load_checkpoint
+from fastvar.models.var import VAR, VQVAE
+
+REFERENCE_ENV = "FASTVAR_REFERENCE"
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def reference_root() -> Path:
+    """The reference directory; skips outside CI when absent, fails in CI."""
+    root = Path(os.environ.get(REFERENCE_ENV, DEFAULT_REFERENCE))
+    if not root.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference data missing at {root} (CI is set); set {REFERENCE_ENV} or provide ../shared")
+        pytest.skip(f"reference data not found at {root}; set {REFERENCE_ENV} to run parity tests")
+    return root
+
+
+class VarReference:
+    """One VAR reference set: config, cases, outputs and the models loaded with its weights."""
+
+    def __init__(self, set_dir: Path):
+        self.dir = set_dir
+        self.config = json.loads((set_dir / "config.json").read_text())
+        files = self.config["files"]
+        self.cases = json.loads((set_dir / files["cases"]).read_text())
+        self.outputs = load_file(set_dir / files["outputs"])
+        self.var_state = load_file(set_dir / files["var"])
+        self.vae_state = load_file(set_dir / files["vae"])
+
+    def build(self) -> VAR:
+        vae = VQVAE(**self.config["vae"])
+        var = VAR(vae, **self.config["var"])
+        load_checkpoint(vae, self.vae_state)
+        load_checkpoint(var, self.var_state, derived=self.config["var_omitted_buffers"])
+        return var.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session", params=["tiny", "tiny-512-shared"])
+def var_reference(request) -> VarReference:
+    torch.set_num_threads(2)
+    return VarReference(reference_root() / "var" / request.param)
+
+
+@pytest.fixture(scope="session")
+def var_tiny_reference() -> VarReference:
+    torch.set_num_threads(2)
+    return VarReference(reference_root() / "var" / "tiny")
+
+
+def tiny_var(depth: int = 2, patch_nums=(1, 2, 3, 4, 6), shared_aln: bool = False, seed: int = 0) -> VAR:
+    """A small random VAR (width 64, one head per 32 channels) whose AdaLN gates are not near zero."""
+    torch.manual_seed(seed)
+    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=patch_nums)
+    var = VAR(vae, depth=depth, embed_dim=64, num_heads=2, shared_aln=shared_aln, attn_l2_norm=True,
+              patch_nums=patch_nums)
+    for p in var.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return var.eval().requires_grad_(False)
