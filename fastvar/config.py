@@ -67,7 +67,8 @@ class FastVARConfig:
         pruned = [si for si, r in enumerate(ratios) if r > 0]
         for si in pruned:
             if si >= executed:
-                raise ValueError(f"scale {si} of {K} is both pruned and skipped (skip_last={self.skip_last})")
+                raise ValueError(f"scale {si} of {K} is both pruned and skipped (skip_last={self.skip_last}); "
+                                 "prune earlier scales or skip fewer")
         keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
         layers = frozenset(self._layers(depth)) if pruned else frozenset()
         cache_scale = self._cache_scale(K, pruned)

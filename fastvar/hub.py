@@ -20,18 +20,24 @@ class WeightsUnavailableError(OSError):
     """The checkpoint could be neither downloaded nor found locally."""
 
 
+def _unavailable(repo_id: str, filename: str, err: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"could not fetch {filename} from the Hugging Face Hub repo {repo_id} ({type(err).__name__}: {err}); "
+        "download it yourself and pass its path (--weights PATH in the CLI)"
+    )
+
+
 def download(repo_id: str, stem: str) -> Path:
     """Download ``stem.safetensors``, or ``stem.pth`` where the repo has no safetensors, from the Hub."""
     for suffix in SUFFIXES:
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, stem + suffix))
-        except _REMOTE_MISSING:
-            continue
+        except _REMOTE_MISSING as err:
+            if not isinstance(err, hub_errors.LocalEntryNotFoundError):  # offline: old hubs file it here too
+                continue
+            raise _unavailable(repo_id, stem + suffix, err) from err
         except (OSError, hub_errors.HfHubHTTPError, ValueError) as err:
-            raise WeightsUnavailableError(
-                f"could not fetch {stem}{suffix} from the Hugging Face Hub repo {repo_id} ({err.__class__.__name__}: "
-                f"{err}); download it yourself and pass its path (--weights PATH in the CLI)"
-            ) from err
+            raise _unavailable(repo_id, stem + suffix, err) from err
     raise WeightsUnavailableError(f"the Hub repo {repo_id} has none of {[stem + s for s in SUFFIXES]}")
 
 
@@ -62,8 +68,10 @@ def read_state_dict(path: str | Path, wrapper_keys: Iterable[str] = WRAPPER_KEYS
     while isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in wrapper_keys if k in state), None)
         if key is None:
-            raise ValueError(f"{path} holds no state dict: top-level keys {sorted(state)[:10]}")
+            raise ValueError(f"{path} holds no state dict: top-level keys {list(state)[:10]}")
         state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return dict(state)
 
 

@@ -15,5 +15,5 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
-    supported = "; ".join(a.description for a in ADAPTERS)
+    supported = "; ".join(f"{a.family} ({a.description})" for a in ADAPTERS)
     raise TypeError(f"fastvar cannot patch a {type(model).__name__}: supported families are {supported}")

@@ -66,7 +66,7 @@ def make_root_class(parent: type) -> type:
 
 class VarAdapter(Adapter):
     family = "var"
-    description = "VAR (a class named VAR with " + ", ".join(REQUIRED) + ")"
+    description = "a class named VAR with " + ", ".join(REQUIRED)
     presets = {
         # No official VAR schedule exists: prune the last two scales as the official Infinity
         # schedule prunes its last two executed ones (40% and 50%), keep every scale.

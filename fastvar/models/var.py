@@ -439,9 +439,9 @@ class VAR(nn.Module):
     ) -> VAR:
         """Load an official checkpoint: ``var_d{depth}`` and ``vae_ch160v4096z32`` from the Hub repo
         ``FoundationVision/var``, or from local files / directories given as ``weights`` / ``vae_weights``."""
-        vae, var = build(depth)
         vae_state = fetch_state_dict(HUB_REPO, "vae_ch160v4096z32", vae_weights, wrapper_keys=("trainer", "vae_local"))
         var_state = fetch_state_dict(HUB_REPO, f"var_d{depth}", weights, wrapper_keys=("trainer", "var_wo_ddp"))
+        vae, var = build(depth)
         load_checkpoint(vae, vae_state)
         load_checkpoint(var, var_state, derived=DERIVED_BUFFERS)
         return var.to(device).eval().requires_grad_(False)
