@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -20,12 +20,6 @@ class FastVARState:
         self.schedule = schedule
         self._scale_of_length = schedule.scale_of_length()
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
-
-    def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
-        """Resolve the config for a (new) scale schedule, e.g. another aspect ratio."""
-        if tuple(shapes) != self.schedule.shapes:
-            self.schedule = self.config.resolve(shapes, depth)
-            self._scale_of_length = self.schedule.scale_of_length()
 
     def scale_of(self, num_tokens: int) -> int | None:
         """The scale a block input of ``num_tokens`` tokens belongs to, if any."""

@@ -58,8 +58,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        w = torch.bmm(q.permute(0, 2, 1), k).mul_(C**-0.5).softmax(dim=2)  # (B, HW_q, HW_k)
-        h = torch.bmm(v, w.permute(0, 2, 1)).view(B, C, H, W)
+        # Contiguous operands: the batched matmul then rounds as the official code does.
+        w = torch.bmm(q.permute(0, 2, 1).contiguous(), k.contiguous()).mul_(C**-0.5).softmax(dim=2)  # (B, HWq, HWk)
+        h = torch.bmm(v.contiguous(), w.permute(0, 2, 1).contiguous()).view(B, C, H, W)
         return x + self.proj_out(h)
 
 
