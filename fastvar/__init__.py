@@ -1,8 +1,8 @@
 """fastvar: training-free FastVAR acceleration for next-scale prediction image generators."""
 
 from fastvar.config import FastVARConfig, Schedule
-from fastvar.patch import is_patched, patch, summary, unpatch
+from fastvar.patch import is_patched, patch, presets, summary, unpatch
 from fastvar.summary import Summary
 
-__all__ = ["FastVARConfig", "Schedule", "Summary", "is_patched", "patch", "summary", "unpatch"]
+__all__ = ["FastVARConfig", "Schedule", "Summary", "is_patched", "patch", "presets", "summary", "unpatch"]
 __version__ = "0.1.0"

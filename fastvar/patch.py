@@ -87,6 +87,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def presets(model: nn.Module) -> dict[str, FastVARConfig]:
+    """The named configs of ``model``'s family, for ``patch(model, name)``."""
+    return dict(find_adapter(model).presets)
+
+
 def is_patched(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get("_fastvar"), FastVARState)
 

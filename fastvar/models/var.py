@@ -414,10 +414,12 @@ class VAR(nn.Module):
     @torch.no_grad()
     def autoregressive_infer_cfg(
         self, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None, cfg: float = 1.5,
-        top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+        top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, progress: bool = False,
     ) -> torch.Tensor:
-        """Sample B images (B, 3, H, W) in [0, 1] with classifier-free guidance, as upstream."""
-        return generate(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        """Sample B images (B, 3, H, W) in [0, 1] with classifier-free guidance, as upstream
+        (``progress`` adds a bar over scales)."""
+        return generate(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                        progress=progress)
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, L, V). Labels are dropped to the null class with ``cond_drop_rate``,
@@ -476,7 +478,7 @@ def sample_with_top_k_top_p_(
 ) -> torch.Tensor:
     """Mask ``logits_BlV`` in place to its top-k / top-p set and draw one index per row: (B, l)."""
     B, l, V = logits_BlV.shape
-    if top_k > 0:
+    if 0 < top_k < V:  # a k of V or more removes nothing
         kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
     if top_p > 0:
