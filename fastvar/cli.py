@@ -45,7 +45,10 @@ def generate_var(args: argparse.Namespace) -> None:
     except WeightsUnavailableError as err:
         raise SystemExit(f"error: {err}") from err
     if not args.no_fastvar:
-        fastvar.patch(var, args.preset)
+        try:
+            fastvar.patch(var, args.preset)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from err
         print(fastvar.summary(var), file=sys.stderr)
     labels = torch.tensor(args.classes, device=device)
     images = var.autoregressive_infer_cfg(

@@ -269,7 +269,7 @@ class SelfAttention(nn.Module):
         if attn_l2_norm:  # cosine attention with a learned per-head temperature, clamped at 100
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0)).item()
+            self.max_scale_mul = torch.log(torch.tensor(100.0, device="cpu")).item()  # float32 log, as upstream
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
@@ -371,12 +371,11 @@ class VAR(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
-        self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
+        self.depth, self.C = depth, embed_dim
         self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
         self.patch_nums = tuple(patch_nums)
         self.L = sum(pn * pn for pn in self.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
-        self.num_stages_minus_1 = len(self.patch_nums) - 1
         self.rng = torch.Generator()
         self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (vae_local.quantize,)
