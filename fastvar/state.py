@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fastvar.config import FastVARConfig, Schedule
 from fastvar.pruning import gather_tokens, restore, select_pivotal
 
-Branch = Callable[[torch.Tensor], torch.Tensor]
+Branch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (tokens, their indices or None)
 
 
 class FastVARState:
@@ -20,6 +20,12 @@ class FastVARState:
         self.schedule = schedule
         self._scale_of_length = schedule.scale_of_length()
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+
+    def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
+        """Resolve the config for the scale schedule of the coming call (another size or aspect ratio)."""
+        if tuple(shapes) != self.schedule.shapes:
+            self.schedule = self.config.resolve(shapes, depth)
+            self._scale_of_length = self.schedule.scale_of_length()
 
     def scale_of(self, num_tokens: int) -> int | None:
         """The scale a block input of ``num_tokens`` tokens belongs to, if any."""
@@ -33,12 +39,13 @@ class FastVARState:
     def run_branch(self, layer: int, name: str, si: int, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         """The residual update of one branch (attention, FFN, ...) of block ``layer`` at scale ``si``.
 
-        At the cache scale the output is stored; at a pruned scale the branch runs on the pivotal
-        tokens only and the stored output, resized, fills the other positions.
+        ``branch(tokens, idx)`` gets the tokens to run and their positions (None: all, in order). At the
+        cache scale the output is stored; at a pruned scale the branch runs on the pivotal tokens only
+        and the stored output, resized, fills the other positions.
         """
         keep = self.schedule.keep[si] if layer in self.schedule.layers else None
         if keep is None:
-            out = branch(x)
+            out = branch(x, None)
             if si == self.schedule.cache_scale and layer in self.schedule.layers:
                 self._cache[layer, name] = (out, self.schedule.shapes[si])
             return out
@@ -46,7 +53,7 @@ class FastVARState:
             raise RuntimeError(f"block {layer} reached pruned scale {si} before its cache scale "
                                f"{self.schedule.cache_scale} ran; run scales in order from the first")
         idx = select_pivotal(x, keep)
-        fresh = branch(gather_tokens(x, idx))
+        fresh = branch(gather_tokens(x, idx), idx)
         cached, cached_hw = self._cache[layer, name]
         return restore(cached, cached_hw, fresh, idx, self.schedule.shapes[si])
 

@@ -84,7 +84,7 @@ class Summary:
         name = f" preset {self.preset!r}" if self.preset else ""
         lines = [f"fastvar {self.family}{name}: {self.depth} blocks, ideal FLOP ratio {self.flop_ratio:.3f} "
                  f"({1 / self.flop_ratio:.2f}x fewer FLOPs)",
-                 f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<34} {'FLOPs':>6}"]
+                 f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6}"]
         for r in self.rows:
             if r.skipped:
                 run = "skipped"
@@ -94,6 +94,6 @@ class Summary:
                     run += f", {r.tokens} in the other {self.depth - r.pruning_blocks}"
             else:
                 run = f"{r.tokens} (all)" + (", cached" if r.cached else "")
-            lines.append(f"{r.index:>5} {r.shape[0]:>4}x{r.shape[1]:<4} {r.tokens:>7}  {run:<34} "
+            lines.append(f"{r.index:>5} {r.shape[0]:>4}x{r.shape[1]:<4} {r.tokens:>7}  {run:<46} "
                          f"{r.flops / max(r.baseline_flops, 1):>6.2f}")
         return "\n".join(lines)

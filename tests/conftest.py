@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastvar.hub import load_checkpoint
+from fastvar.models.bsq_vae import BSQVAE
+from fastvar.models.infinity import Infinity
 from fastvar.models.var import VAR, VQVAE
 
 REFERENCE_ENV = "FASTVAR_REFERENCE"
@@ -57,6 +59,46 @@ def var_reference(request) -> VarReference:
 def var_tiny_reference() -> VarReference:
     torch.set_num_threads(2)
     return VarReference(reference_root() / "var" / "tiny")
+
+
+class InfinityReference:
+    """The ``infinity/tiny`` set: constructor arguments, weights, text inputs, cases and outputs."""
+
+    def __init__(self):
+        set_dir = reference_root() / "infinity" / "tiny"
+        config = json.loads((set_dir / "config.json").read_text())
+        self.args = config["vae"]["autoencoder_args"]
+        self.transformer_kwargs = config["transformer"]["kwargs"]
+        self.cases = json.loads((set_dir / "cases.json").read_text())
+        self.vae_state = load_file(set_dir / "vae.safetensors")
+        self.infinity_state = load_file(set_dir / "infinity.safetensors")
+        self.text = load_file(set_dir / "text.safetensors")
+        self.outputs = load_file(set_dir / "outputs.safetensors")
+        self.fastvar_outputs = load_file(set_dir / "fastvar_outputs.safetensors")
+
+    def build_vae(self) -> BSQVAE:
+        """A BSQVAE from the namespace handed to the upstream ``AutoEncoder``, with the set's weights."""
+        args = self.args
+        assert args["encoder_ch_mult"] == args["decoder_ch_mult"]
+        assert args["codebook_size"] == 2 ** args["codebook_dim"]
+        vae = BSQVAE(
+            codebook_dim=args["codebook_dim"], patch_size=args["patch_size"], base_ch=args["base_ch"],
+            ch_mult=args["decoder_ch_mult"], num_res_blocks=args["num_res_blocks"],
+        )
+        load_checkpoint(vae, self.vae_state)
+        return vae.eval().requires_grad_(False)
+
+    def build(self) -> tuple[Infinity, BSQVAE]:
+        vae = self.build_vae()
+        model = Infinity(vae, **self.transformer_kwargs)
+        load_checkpoint(model, self.infinity_state)
+        return model.eval().requires_grad_(False), vae
+
+    def text_input(self, name: str) -> tuple:
+        """The packed text tuple (kv_compact, lens, cu_seqlens_k, max_seqlen_k) of a case."""
+        t = self.text
+        return (t[f"{name}.kv_compact"], t[f"{name}.lens"].tolist(), t[f"{name}.cu_seqlens_k"],
+                int(t[f"{name}.max_seqlen_k"]))
 
 
 def tiny_var(depth: int = 2, patch_nums=(1, 2, 3, 4, 6), shared_aln: bool = False, seed: int = 0) -> VAR:

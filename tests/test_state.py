@@ -21,7 +21,7 @@ def test_branch_runs_on_pivotal_tokens_and_the_cache_fills_the_rest():
     state = make_state(prune={-1: 0.75}, layers=[1])
     seen = []
 
-    def branch(t):
+    def branch(t, idx):
         seen.append(t)
         return t * 3 + 1
 
@@ -40,14 +40,14 @@ def test_blocks_outside_the_pruning_layers_run_everything():
     state = make_state(prune={-1: 0.5}, layers=[1])
     assert not state.acts_on(2, 0) and state.acts_on(2, 1) and state.acts_on(1, 1) and not state.acts_on(0, 1)
     x = torch.randn(1, 24, 3)
-    assert torch.equal(state.run_branch(0, "attn", 2, x, lambda t: t + 1), x + 1)
+    assert torch.equal(state.run_branch(0, "attn", 2, x, lambda t, idx: t + 1), x + 1)
 
 
 def test_pruned_scale_before_its_cache_is_an_error_and_release_frees_the_cache():
     state = make_state(prune={-1: 0.5})
     with pytest.raises(RuntimeError, match="before its cache scale 1 ran"):
-        state.run_branch(0, "attn", 2, torch.randn(1, 24, 3), lambda t: t)
-    state.run_branch(0, "attn", 1, torch.randn(1, 6, 3), lambda t: t)
+        state.run_branch(0, "attn", 2, torch.randn(1, 24, 3), lambda t, idx: t)
+    state.run_branch(0, "attn", 1, torch.randn(1, 6, 3), lambda t, idx: t)
     state.release()
     with pytest.raises(RuntimeError):
-        state.run_branch(0, "attn", 2, torch.randn(1, 24, 3), lambda t: t)
+        state.run_branch(0, "attn", 2, torch.randn(1, 24, 3), lambda t, idx: t)

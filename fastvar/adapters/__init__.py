@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from fastvar.adapters.base import Adapter
+from fastvar.adapters.infinity import InfinityAdapter
 from fastvar.adapters.var import VarAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter, InfinityAdapter)
 
 
 def find_adapter(model: nn.Module) -> type[Adapter]:

@@ -35,10 +35,10 @@ def make_block_class(parent: type) -> type:
                 return super().forward(x, cond_BD, attn_bias)
             gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_ln_chunks(self, cond_BD)
 
-            def attention(t: torch.Tensor) -> torch.Tensor:
+            def attention(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
                 return self.attn(self.ln_wo_grad(t).mul(scale1.add(1)).add_(shift1), attn_bias=None).mul_(gamma1)
 
-            def ffn(t: torch.Tensor) -> torch.Tensor:
+            def ffn(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
                 return self.ffn(self.ln_wo_grad(t).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
 
             x = x + state.run_branch(layer, "attn", si, x, attention)

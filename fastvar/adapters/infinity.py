@@ -1,0 +1,109 @@
+"""FastVAR for Infinity (fastvar.models.infinity.Infinity)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastvar.adapters.base import Adapter, has_class_named
+from fastvar.config import FastVARConfig
+from fastvar.models.infinity import TEMPLATE_SCALES, ada_layer_norm, generate
+from fastvar.summary import CostModel
+
+REQUIRED = ("unregistered_blocks", "autoregressive_infer_cfg", "lvl_embed", "word_embed", "rope")
+TYPICAL_PROMPT_TOKENS = 64  # cross-attention keys assumed by the FLOP estimate
+
+
+def official_layers(layer: int, depth: int) -> bool:
+    """The official schedule prunes blocks 3..27 (of Infinity-2B's 32); deeper models scale the range."""
+    stretch = max(1.0, depth / 32)
+    return 3 * stretch <= layer <= 27 * stretch
+
+
+def make_block_class(parent: type) -> type:
+    class FastVARBlock(parent):
+        """The Infinity block with its three branches (self-attention, cross-attention, FFN) each
+        routed through the FastVAR state; each selects its own pivotal tokens from the residual stream
+        entering it. Self-attention gets the rotary rows of the tokens it runs."""
+
+        def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: tuple, rope: torch.Tensor) -> torch.Tensor:
+            state, layer = self._fastvar, self._fastvar_layer
+            si = state.scale_of(x.shape[1])
+            if si is None or not state.acts_on(si, layer):
+                return super().forward(x, cond_BD, ca_kv, rope)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
+
+            def self_attention(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                rows = rope if idx is None else rope[:, idx].unsqueeze(2)  # (2, B, 1, k, D/2): per batch row
+                return self.sa(ada_layer_norm(t, scale1, shift1, self.norm_eps), rows).mul_(gamma1)
+
+            def cross_attention(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                return self.ca(self.ca_norm(t), ca_kv).float()
+
+            def ffn(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                return self.ffn(ada_layer_norm(t, scale2, shift2, self.norm_eps)).mul(gamma2)
+
+            x = x + state.run_branch(layer, "sa", si, x, self_attention)
+            x = x + state.run_branch(layer, "ca", si, x, cross_attention)
+            return x + state.run_branch(layer, "ffn", si, x, ffn)
+
+    return FastVARBlock
+
+
+def make_root_class(parent: type) -> type:
+    class FastVARInfinity(parent):
+        @torch.no_grad()
+        def autoregressive_infer_cfg(self, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]],
+                                     label_B_or_BLT: tuple, B: int = 1, **kwargs):
+            """Sampling as unpatched, with the config resolved for this call's schedule; skipped
+            final scales are not run and the image is decoded from the earlier scales' codes."""
+            state = self._fastvar
+            state.set_shapes([(h, w) for _, h, w in scale_schedule], len(self.unregistered_blocks))
+            try:
+                if state.schedule.executed == len(scale_schedule):
+                    return super().autoregressive_infer_cfg(vae, scale_schedule, label_B_or_BLT, B, **kwargs)
+                return generate(self, vae, scale_schedule, label_B_or_BLT, B, num_scales=state.schedule.executed,
+                                **kwargs)
+            finally:
+                state.release()
+
+    return FastVARInfinity
+
+
+class InfinityAdapter(Adapter):
+    family = "infinity"
+    description = "a class named Infinity with " + ", ".join(REQUIRED)
+    default_preset = "paper"
+    presets = {
+        # The official FastVAR Infinity code, on the 13-scale (1M) schedules: prune 40% / 50% at the
+        # 32x32 and 40x40 scales of the square template in blocks 3..27, cache 24x24, skip 48x48 and 64x64.
+        "paper": FastVARConfig(prune={-4: 0.4, -3: 0.5}, skip_last=2, layers=official_layers),
+        # Its pruning alone: every scale runs, so the gain is the pruning's only.
+        "prune-only": FastVARConfig(prune={-4: 0.4, -3: 0.5}, layers=official_layers),
+        # Its skipping alone ("100% pruning" of the last two scales).
+        "skip-only": FastVARConfig(skip_last=2),
+        "none": FastVARConfig(),
+    }
+
+    @staticmethod
+    def matches(model: nn.Module) -> bool:
+        return has_class_named(model, "Infinity") and all(hasattr(model, name) for name in REQUIRED)
+
+    @staticmethod
+    def blocks(model: nn.Module) -> list[nn.Module]:
+        return list(model.unregistered_blocks)
+
+    @staticmethod
+    def scale_shapes(model: nn.Module) -> list[tuple[int, int]]:
+        return list(TEMPLATE_SCALES[1.0])  # until a call brings its own schedule: the square 1M one
+
+    @staticmethod
+    def cost_model(model: nn.Module) -> CostModel:
+        block = model.unregistered_blocks[0]
+        return CostModel(width=model.C, mlp_hidden=block.ffn.fc1.out_features, head_out=model.V,
+                         context=TYPICAL_PROMPT_TOKENS)
+
+    block_class = staticmethod(make_block_class)
+    root_class = staticmethod(make_root_class)
