@@ -59,12 +59,13 @@ class _StepClock:
 
 def benchmark(
     model: nn.Module, run: Callable[[], object], variants: Mapping[str, FastVARConfig | str | None],
-    decoder: nn.Module, device: torch.device, repeats: int = 5, warmup: int = 1,
+    decoder: nn.Module, device: torch.device, num_scales: int, repeats: int = 5, warmup: int = 1,
 ) -> list[VariantResult]:
-    """Time ``run()`` on ``model`` unpatched ("baseline") and patched with each variant's config."""
+    """Time ``run()`` (``num_scales`` scales) on ``model`` unpatched ("baseline") and patched with each
+    variant's config."""
     names = ["baseline", *variants]
     adapter = find_adapter(model)
-    num_scales, flop_ratio = len(adapter.scale_shapes(model)), {"baseline": 1.0}
+    flop_ratio = {"baseline": 1.0}
     samples: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in names}
     peaks: dict[str, int | None] = dict.fromkeys(names)
     clock = _StepClock(adapter.blocks(model)[0], decoder, device)
@@ -76,10 +77,11 @@ def benchmark(
                         fastvar.unpatch(model)
                 else:
                     fastvar.patch(model, variants[name])
-                    flop_ratio[name] = fastvar.summary(model).flop_ratio
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 sample = clock.run(run, num_scales)
+                if name != "baseline":  # after the run: the schedule is the one the call used
+                    flop_ratio[name] = fastvar.summary(model).flop_ratio
                 if device.type == "cuda":
                     peaks[name] = torch.cuda.max_memory_allocated(device)
                 if i >= warmup:
@@ -123,6 +125,6 @@ def format_results(results: list[VariantResult], shapes: list[tuple[int, int]], 
     if base.peak_memory is not None:
         rows.append(("peak GiB", [f"{r.peak_memory / 2**30:.2f}" for r in results]))
     lines += [f"{label:>15} " + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
-    lines.append("scales: transformer, head and sampling of every scale; decode: the VQVAE decoder.\n"
+    lines.append("scales: transformer, head and sampling of every scale; decode: the VAE decoder.\n"
                  "FLOP ratio: ideal, transformer blocks and head (no decoder); time ratio: measured, whole call.")
     return "\n".join(lines)

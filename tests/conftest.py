@@ -110,3 +110,20 @@ def tiny_var(depth: int = 2, patch_nums=(1, 2, 3, 4, 6), shared_aln: bool = Fals
     for p in var.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return var.eval().requires_grad_(False)
+
+
+def tiny_infinity(depth: int = 4, seed: int = 0) -> tuple[Infinity, BSQVAE]:
+    """A small random Infinity (width 64, 256-channel text, 4-bit tokens) and its VAE."""
+    torch.manual_seed(seed)
+    vae = BSQVAE(codebook_dim=4, patch_size=16, base_ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1)
+    model = Infinity(vae, text_channels=256, text_maxlen=32, embed_dim=64, depth=depth, num_heads=2, block_chunks=2)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+
+
+def random_text(lens: list[int], channels: int = 256, seed: int = 0) -> tuple:
+    """A packed text input (kv_compact, lens, cu_seqlens_k, max_seqlen_k) of random features."""
+    kv = torch.randn(sum(lens), channels, generator=torch.Generator().manual_seed(seed))
+    cu = torch.nn.functional.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0), (1, 0)).to(torch.int32)
+    return kv, list(lens), cu, max(lens)

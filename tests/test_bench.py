@@ -21,7 +21,8 @@ def test_benchmark_times_each_variant_and_leaves_the_model_unpatched():
         return var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([0]), g_seed=0)
 
     variants = {"prune": FastVARConfig(prune={-1: 0.5}), "skip": FastVARConfig(skip_last=1)}
-    results = benchmark(var, run, variants, var.vae_proxy[0].decoder, torch.device("cpu"), repeats=2, warmup=1)
+    results = benchmark(var, run, variants, var.vae_proxy[0].decoder, torch.device("cpu"), len(PATCH_NUMS),
+                        repeats=2, warmup=1)
     assert [r.name for r in results] == ["baseline", "prune", "skip"]
     assert not fastvar.is_patched(var)
     for r in results:

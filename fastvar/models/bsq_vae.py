@@ -236,6 +236,8 @@ class BSQVAE(nn.Module):
         ch_mult: Sequence[int] = (1, 2, 4, 4, 4), num_res_blocks: int = 2, spatial_patchify: bool = False,
     ):
         super().__init__()
+        self.config = dict(codebook_dim=codebook_dim, patch_size=patch_size, base_ch=base_ch, ch_mult=tuple(ch_mult),
+                           num_res_blocks=num_res_blocks, spatial_patchify=spatial_patchify)  # BSQVAE(**config)
         self.codebook_dim = codebook_dim
         self.patch_size = patch_size
         self.spatial_patchify = spatial_patchify

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastvar.models.bsq_vae import BSQVAE, official_vae
+
 # ----------------------------------------------------------------------------- scale schedules
 
 # (h, w) of the 13 scales of the 1M schedule per aspect-ratio template h/w (ratios below 1 mirror these).
@@ -295,6 +297,9 @@ class Infinity(nn.Module):
         if unsupported or depth % block_chunks:
             raise ValueError(f"unsupported Infinity options {unsupported} (supported: {required}, depth divisible "
                              f"by block_chunks; got depth={depth}, block_chunks={block_chunks})")
+        self.config = dict(text_channels=text_channels, text_maxlen=text_maxlen, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps, block_chunks=block_chunks,
+                           apply_spatial_patchify=apply_spatial_patchify)  # to rebuild it: Infinity(vae, **config)
         self.C = self.D = embed_dim
         self.depth, self.num_heads, self.norm_eps = depth, num_heads, norm_eps
         self.apply_spatial_patchify = apply_spatial_patchify
@@ -469,3 +474,29 @@ def generate(
         return [], bits_list, summed_codes
     image = (vae.decode(summed_codes.squeeze(-3)) + 1) / 2
     return [], bits_list, image.permute(0, 2, 3, 1).mul_(255).to(torch.uint8).flip(dims=(3,))
+
+
+# ----------------------------------------------------------------------------- official configurations
+
+OFFICIAL = {
+    # name: transformer arguments, VAE (codebook_dim, spatial_patchify), checkpoint files on the Hub
+    "infinity-2b": (dict(depth=32, embed_dim=2048, num_heads=16, block_chunks=8), (32, False),
+                    "infinity_2b_reg", "infinity_vae_d32reg"),
+    "infinity-8b": (dict(depth=40, embed_dim=3584, num_heads=28, block_chunks=8, apply_spatial_patchify=1),
+                    (14, True), "infinity_8b_weights", "infinity_vae_d56_f8_14_patchify"),
+}
+
+
+def build(name: str = "infinity-2b", depth: int | None = None) -> tuple[Infinity, BSQVAE]:
+    """The official architecture ``name`` with random weights; ``depth`` keeps the width and cuts the
+    blocks (for timing the full schedule on small machines)."""
+    if name not in OFFICIAL:
+        raise ValueError(f"unknown Infinity model {name!r}; available: {list(OFFICIAL)}")
+    kwargs, (codebook_dim, patchify), _, _ = OFFICIAL[name]
+    kwargs = dict(kwargs)
+    if depth is not None:
+        if not 1 <= depth <= kwargs["depth"]:
+            raise ValueError(f"depth must be in 1..{kwargs['depth']} for {name}, got {depth}")
+        kwargs.update(depth=depth, block_chunks=math.gcd(depth, kwargs["block_chunks"]))
+    vae = official_vae(codebook_dim, spatial_patchify=patchify)
+    return Infinity(vae, text_channels=2048, **kwargs), vae

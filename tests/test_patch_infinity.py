@@ -1,0 +1,96 @@
+"""patch on Infinity: every aspect ratio and size prunes, any batch size, kept K/V only, exact identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_text, tiny_infinity
+
+import fastvar
+from fastvar import FastVARConfig
+from fastvar.adapters.infinity import official_layers
+from fastvar.models.infinity import scale_schedule
+
+
+def sample(model, vae, schedule, text, B, **kwargs):
+    K = len(schedule)
+    return model.autoregressive_infer_cfg(vae, schedule, text, B=B, g_seed=3, cfg_list=[3.0] * K, tau_list=[0.5] * K,
+                                          top_k=900, top_p=0.97, vae_type=vae.codebook_dim, **kwargs)
+
+
+@pytest.mark.parametrize("config", ["none", FastVARConfig(), FastVARConfig(layers=[0])])
+def test_config_that_prunes_nothing_is_bit_identical(config):
+    model, vae = tiny_infinity()
+    schedule, text = scale_schedule(1.333, "0.25M"), random_text([5, 9])
+    _, bits, summed = sample(model, vae, schedule, text, B=2)
+    fastvar.patch(model, config)
+    _, bits_patched, summed_patched = sample(model, vae, schedule, text, B=2)
+    assert all(torch.equal(a, b) for a, b in zip(bits, bits_patched)) and torch.equal(summed, summed_patched)
+
+
+def record_branch_tokens(model):
+    """Per block: the token count entering sa, ca and ffn at every call, and the KV cache length after sa."""
+    seen = {}
+    for layer, block in enumerate(model.unregistered_blocks):
+        for name in ("sa", "ca", "ffn"):
+            getattr(block, name).register_forward_hook(
+                lambda m, args, out, key=(layer, name): seen.setdefault(key, []).append(args[0].shape[1]))
+        block.sa.register_forward_hook(
+            lambda m, args, out, layer=layer: seen.setdefault((layer, "kv"), []).append(m.cached_k.shape[2]))
+    return seen
+
+
+@pytest.mark.parametrize("h_div_w", [0.5, 1.333])
+def test_paper_preset_prunes_and_skips_at_other_aspect_ratios(h_div_w):
+    model, vae = tiny_infinity(depth=4)
+    schedule = scale_schedule(h_div_w, "1M")
+    fastvar.patch(model, "paper")
+    seen = record_branch_tokens(model)
+    _, bits, _ = sample(model, vae, schedule, random_text([7]), B=1)
+    tokens = [h * w for _, h, w in schedule]
+    assert len(bits) == len(schedule) - 2
+    kept = {9: tokens[9] - int(tokens[9] * 0.4), 10: tokens[10] - int(tokens[10] * 0.5)}
+    for layer in range(4):
+        run = [kept.get(si, n) if layer == 3 else n for si, n in enumerate(tokens[:11])]
+        for name in ("sa", "ca", "ffn"):
+            assert seen[layer, name] == run, (layer, name)
+        assert seen[layer, "kv"] == [sum(run[: si + 1]) for si in range(11)]
+    assert fastvar.summary(model).rows[9].kept == kept[9]
+
+
+def teacher_forced_logits(model, vae, schedule, text, bits) -> dict[int, torch.Tensor]:
+    logits = {}
+    sample(model, vae, schedule, text, B=bits[0].shape[0], gt_leak=len(schedule), gt_ls_Bl=bits,
+           on_scale_logits=lambda si, lg: logits.__setitem__(si, lg.clone()))
+    return logits
+
+
+def test_batched_rows_match_single_prompts():
+    """Each row selects its own tokens and rotary positions: batching changes nothing per prompt."""
+    model, vae = tiny_infinity(depth=4)
+    schedule = scale_schedule(1.333, "0.25M")
+    fastvar.patch(model, FastVARConfig(prune={-4: 0.4, -3: 0.5, -2: 0.6}, layers=[1, 3]))
+    lens = [4, 11, 6]
+    text = random_text(lens, seed=5)
+    _, bits, _ = sample(model, vae, schedule, text, B=3)
+    logits = teacher_forced_logits(model, vae, schedule, text, bits)
+    bounds = text[2].tolist()
+    for row in range(3):
+        single = (text[0][bounds[row] : bounds[row + 1]], [lens[row]], torch.tensor([0, lens[row]], dtype=torch.int32),
+                  lens[row])
+        single_logits = teacher_forced_logits(model, vae, schedule, single, [b[row : row + 1] for b in bits])
+        for si in range(len(schedule)):  # bf16 cross-attention rounds batched and single runs differently
+            torch.testing.assert_close(single_logits[si][0], logits[si][row], atol=2e-2, rtol=0)
+
+
+def test_official_layer_range_scales_with_depth():
+    assert [i for i in range(32) if official_layers(i, 32)] == list(range(3, 28))
+    assert [i for i in range(6) if official_layers(i, 6)] == [3, 4, 5]
+    assert [i for i in range(40) if official_layers(i, 40)] == list(range(4, 34))
+
+
+def test_schedule_without_the_configured_scales_is_refused():
+    model, vae = tiny_infinity(depth=4)
+    fastvar.patch(model, FastVARConfig(prune={-9: 0.5}))
+    with pytest.raises(ValueError, match="scale position -9 does not exist; this schedule has 7 scales"):
+        sample(model, vae, scale_schedule(1.0, "0.06M"), random_text([3]), B=1)

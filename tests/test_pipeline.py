@@ -1,0 +1,84 @@
+"""InfinityPipeline with a tiny flan-T5-shaped encoder built here (no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_infinity
+from huggingface_hub import errors as hub_errors
+
+from fastvar.hub import WeightsUnavailableError
+from fastvar.pipeline import InfinityPipeline, schedule_for
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "on", "the", "moon", "red"]
+
+
+def tiny_text_encoder():
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(WORDS), d_model=256, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
+    return transformers.T5EncoderModel(config).eval(), tokenizer
+
+
+@pytest.fixture
+def pipe():
+    model, vae = tiny_infinity(depth=4)
+    return InfinityPipeline(model, vae, *tiny_text_encoder())
+
+
+def arrays(images):
+    return [np.asarray(im) for im in images]
+
+
+def test_prompts_become_images_of_the_requested_size(pipe):
+    images = pipe(["a red cat", "the dog on the moon"], seed=1, size=(256, 256), preset=None, progress=False)
+    assert [im.size for im in images] == [(256, 256)] * 2 and images[0].mode == "RGB"
+    assert not np.array_equal(*arrays(images))
+    again = pipe(["a red cat", "the dog on the moon"], seed=1, size=(256, 256), preset="none", progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(images), arrays(again)))
+    fast = pipe(["a red cat", "the dog on the moon"], seed=1, size=(256, 256), preset="paper", progress=False)
+    assert not np.array_equal(arrays(fast)[0], arrays(images)[0])
+
+
+def test_text_is_packed_as_the_official_script_does(pipe):
+    kv, lens, cu, max_len = pipe.encode_prompts(["a cat", "the red dog on the moon"])
+    assert lens == [2, 6] and max_len == 6 and cu.tolist() == [0, 2, 8] and cu.dtype == torch.int32
+    single = pipe.encode_prompts(["a cat"])[0]
+    torch.testing.assert_close(kv[:2], single, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = InfinityPipeline.from_pretrained(tmp_path)
+    for a, b in ((pipe.transformer, loaded.transformer), (pipe.vae, loaded.vae)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    kwargs = dict(seed=4, size=(256, 256), preset="paper", progress=False)
+    assert np.array_equal(arrays(pipe("a cat", **kwargs))[0], arrays(loaded("a cat", **kwargs))[0])
+
+
+@pytest.mark.parametrize("prompt", [[], "", ["a cat", ""]])
+def test_empty_prompts_are_refused(pipe, prompt):
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        pipe(prompt, size=(256, 256))
+
+
+def test_unsupported_sizes_and_models_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"unsupported size 1000x1000; supported \(width x height\): .*1024x1024"):
+        schedule_for(1000, 1000)
+    assert schedule_for(1440, 720)[-1] == (1, 45, 90)
+    with pytest.raises(ValueError, match=r"neither an official model \(\['infinity-2b', 'infinity-8b'\]\)"):
+        InfinityPipeline.from_pretrained(tmp_path)
+
+    def offline(repo_id, filename, **kwargs):
+        raise hub_errors.LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
+    with pytest.raises(WeightsUnavailableError, match="infinity_vae_d32reg.safetensors from the Hugging Face Hub"):
+        InfinityPipeline.from_pretrained("infinity-2b")
