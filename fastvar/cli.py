@@ -111,7 +111,7 @@ def generate_infinity(args: argparse.Namespace) -> None:
                       preset=None if args.no_fastvar else args.preset)
     except (WeightsUnavailableError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"error: {err}") from err
-    to_grid(torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255 for im in images])).save(
+    to_grid(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])).save(
         args.out)
     print(f"saved {args.out}", file=sys.stderr)
 

@@ -15,7 +15,16 @@ import fastvar
 from fastvar.config import FastVARConfig
 from fastvar.hub import fetch_state_dict, load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE, DERIVED_BUFFERS
-from fastvar.models.infinity import OFFICIAL, SIZES, TEMPLATE_SCALES, VAE_STRIDE, Infinity, build, scale_schedule
+from fastvar.models.infinity import (
+    EXTENDED_SCALE,
+    OFFICIAL,
+    SIZES,
+    TEMPLATE_SCALES,
+    VAE_STRIDE,
+    Infinity,
+    build,
+    scale_schedule,
+)
 
 HUB_REPO = "FoundationVision/Infinity"
 TEXT_ENCODER = "google/flan-t5-xl"
@@ -29,20 +38,26 @@ def _transformers():
     return transformers
 
 
+def _schedules() -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+    """(width, height) -> schedule, for every template and size (the extended ones included)."""
+    sizes = [*SIZES, "extended"]
+    schedules = [scale_schedule(ratio, size) for ratio in TEMPLATE_SCALES for size in sizes
+                 if size != "extended" or ratio in EXTENDED_SCALE]
+    return {(s[-1][2] * VAE_STRIDE, s[-1][1] * VAE_STRIDE): s for s in schedules}
+
+
 def supported_sizes() -> list[tuple[int, int]]:
-    """Every (width, height) an official schedule produces."""
-    return sorted({(w * VAE_STRIDE, h * VAE_STRIDE) for hws in TEMPLATE_SCALES.values()
-                   for n in SIZES.values() for h, w in [hws[n - 1]]})
+    """Every (width, height) a schedule produces."""
+    return sorted(_schedules())
 
 
 def schedule_for(width: int, height: int) -> list[tuple[int, int, int]]:
-    """The official schedule producing exactly ``width`` x ``height``; ``ValueError`` listing them otherwise."""
-    for ratio, hws in TEMPLATE_SCALES.items():
-        for size, n in SIZES.items():
-            if (hws[n - 1][1] * VAE_STRIDE, hws[n - 1][0] * VAE_STRIDE) == (width, height):
-                return scale_schedule(ratio, size)
-    listing = ", ".join(f"{w}x{h}" for w, h in supported_sizes())
-    raise ValueError(f"unsupported size {width}x{height}; supported (width x height): {listing}")
+    """The schedule producing exactly ``width`` x ``height``; ``ValueError`` listing them otherwise."""
+    schedule = _schedules().get((width, height))
+    if schedule is None:
+        listing = ", ".join(f"{w}x{h}" for w, h in supported_sizes())
+        raise ValueError(f"unsupported size {width}x{height}; supported (width x height): {listing}")
+    return schedule
 
 
 class InfinityPipeline:

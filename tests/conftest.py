@@ -127,3 +127,18 @@ def random_text(lens: list[int], channels: int = 256, seed: int = 0) -> tuple:
     kv = torch.randn(sum(lens), channels, generator=torch.Generator().manual_seed(seed))
     cu = torch.nn.functional.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0), (1, 0)).to(torch.int32)
     return kv, list(lens), cu, max(lens)
+
+
+def tiny_text_encoder():
+    """A one-layer T5 encoder (256 channels) and a word-level tokenizer, built here (no download)."""
+    import tokenizers
+    import transformers
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "on", "the", "moon", "red"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(words), d_model=256, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
+    return transformers.T5EncoderModel(config).eval(), tokenizer

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_var
+from conftest import tiny_infinity, tiny_text_encoder, tiny_var
 from huggingface_hub import errors as hub_errors
 from PIL import Image
 
 import fastvar
 from fastvar import cli
 from fastvar.models.var import VAR
+from fastvar.pipeline import InfinityPipeline
 
 PATCH_NUMS = (1, 2, 3, 4, 6)
 
@@ -74,3 +75,28 @@ def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="torch sees no CUDA device"):
         cli.main(["bench", "var", "--device", "cuda", "--random-weights"])
+
+
+def test_generate_infinity_writes_the_pipelines_images(tmp_path, monkeypatch):
+    def from_pretrained(name, device="cpu"):
+        assert name == "infinity-2b"
+        model, vae = tiny_infinity(depth=4)
+        return InfinityPipeline(model, vae, *tiny_text_encoder())
+
+    monkeypatch.setattr(InfinityPipeline, "from_pretrained", staticmethod(from_pretrained))
+    out = tmp_path / "cat.png"
+    cli.main(["generate", "infinity", "--prompt", "a red cat", "--size", "256x256", "--seed", "2", "--out", str(out)])
+    expected = from_pretrained("infinity-2b")("a red cat", seed=2, size=(256, 256), progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    with pytest.raises(SystemExit, match="unsupported size 300x300"):
+        cli.main(["generate", "infinity", "--prompt", "a cat", "--size", "300x300", "--out", str(out)])
+
+
+def test_bench_infinity_times_every_preset(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build_infinity", lambda name, depth: tiny_infinity(depth=4))
+    cli.main(["bench", "infinity", "--size", "256x256", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
+    assert header.split()[4:] == ["baseline", "paper", "prune-only", "skip-only", "none"]
+    assert "256x256 batch 1 fp32 on cpu" in out
+    assert sum(line.split()[0].isdigit() for line in out.splitlines()[2:]) == 7

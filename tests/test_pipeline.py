@@ -5,27 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_infinity
+from conftest import tiny_infinity, tiny_text_encoder
 from huggingface_hub import errors as hub_errors
 
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipeline import InfinityPipeline, schedule_for
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "on", "the", "moon", "red"]
-
-
-def tiny_text_encoder():
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                     unk_token="<unk>")
-    torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=len(WORDS), d_model=256, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
-    return transformers.T5EncoderModel(config).eval(), tokenizer
-
+pytest.importorskip("transformers")
 
 @pytest.fixture
 def pipe():

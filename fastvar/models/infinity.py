@@ -43,6 +43,9 @@ for _ratio, _hws in list(TEMPLATE_SCALES.items()):
     if _ratio != 1.0:  # the official key of the mirrored template truncates 1/ratio to 3 decimals
         TEMPLATE_SCALES[int(1 / _ratio * 1000) / 1000] = [(w, h) for h, w in _hws]
 SIZES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}  # scales per pixel budget: prefixes of the 1M schedule
+# Zero-shot higher resolution: one scale beyond 1M (1344x1344, 960 high x 1920 wide, ...). Its rotary
+# positions are placed on the 1M grid like every other scale's, so the model sees familiar positions.
+EXTENDED_SCALE = {1.0: (84, 84), 0.5: (60, 120), 2.0: (120, 60), 1.333: (84, 63), 0.75: (63, 84)}
 VAE_STRIDE = 16
 
 
@@ -53,10 +56,16 @@ def nearest_template(h_div_w: float) -> float:
 
 
 def scale_schedule(h_div_w: float, size: str = "1M") -> list[tuple[int, int, int]]:
-    """(t, h, w) of every scale for an aspect ratio h/w and a pixel budget ('0.06M' ... '1M')."""
+    """(t, h, w) of every scale for an aspect ratio h/w and a pixel budget ('0.06M' ... '1M', or
+    'extended': the 1M schedule plus one larger scale, for the templates in ``EXTENDED_SCALE``)."""
+    template = nearest_template(h_div_w)
+    if size == "extended":
+        if template not in EXTENDED_SCALE:
+            raise ValueError(f"no extended schedule for aspect ratio {template}; available for {list(EXTENDED_SCALE)}")
+        return scale_schedule(template, "1M") + [(1, *EXTENDED_SCALE[template])]
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; supported: {list(SIZES)}")
-    return [(1, h, w) for h, w in TEMPLATE_SCALES[nearest_template(h_div_w)][: SIZES[size]]]
+        raise ValueError(f"unknown size {size!r}; supported: {[*SIZES, 'extended']}")
+    return [(1, h, w) for h, w in TEMPLATE_SCALES[template][: SIZES[size]]]
 
 
 # ----------------------------------------------------------------------------- 2-D rotary positions
