@@ -2,7 +2,9 @@
 
 from fastvar.config import FastVARConfig, Schedule
 from fastvar.patch import is_patched, patch, presets, summary, unpatch
+from fastvar.pipeline import InfinityPipeline
 from fastvar.summary import Summary
 
-__all__ = ["FastVARConfig", "Schedule", "Summary", "is_patched", "patch", "presets", "summary", "unpatch"]
+__all__ = ["FastVARConfig", "InfinityPipeline", "Schedule", "Summary", "is_patched", "patch", "presets", "summary",
+           "unpatch"]
 __version__ = "0.1.0"

@@ -74,6 +74,10 @@ class InfinityPipeline:
         flan-T5-XL encoder; or a directory written by ``save_pretrained``."""
         tf = _transformers()
         path = Path(name_or_path)
+        if str(name_or_path) == "infinity-8b":
+            raise NotImplementedError("Infinity-8B's Hub checkpoint is sharded (infinity_8b_weights/), which "
+                                      "fastvar does not load yet; fastvar.models.infinity.build('infinity-8b') "
+                                      "gives the architecture with random weights")
         if str(name_or_path) in OFFICIAL:
             _, _, transformer_file, vae_file = OFFICIAL[str(name_or_path)]
             vae_state = fetch_state_dict(HUB_REPO, vae_file, wrapper_keys=("vae",))

@@ -68,3 +68,8 @@ def test_unsupported_sizes_and_models_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
     with pytest.raises(WeightsUnavailableError, match="infinity_vae_d32reg.safetensors from the Hugging Face Hub"):
         InfinityPipeline.from_pretrained("infinity-2b")
+
+
+def test_sharded_8b_checkpoint_is_reported_not_loaded():
+    with pytest.raises(NotImplementedError, match="sharded"):
+        InfinityPipeline.from_pretrained("infinity-8b")

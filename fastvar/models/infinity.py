@@ -109,7 +109,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class FastRMSNorm(nn.Module):
-    def __init__(self, C: int, eps: float = 1e-6, elementwise_affine: bool = True):
+    def __init__(self, C: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(C))
@@ -346,11 +346,12 @@ class Infinity(nn.Module):
 
     def rope(self, schedule: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """RoPE table of a schedule (cached), anchored to its template's 1M last scale."""
-        key = tuple(tuple(s) for s in schedule)
+        device = self.pos_start.device
+        key = (tuple(tuple(s) for s in schedule), device)
         if key not in self._rope_cache:
             _, h, w = schedule[-1]
             anchor = TEMPLATE_SCALES[nearest_template(h / w)][-1]
-            self._rope_cache[key] = rope_table(schedule, self.C // self.num_heads, anchor).to(self.pos_start.device)
+            self._rope_cache[key] = rope_table(schedule, self.C // self.num_heads, anchor).to(device)
         return self._rope_cache[key]
 
     def encode_text(self, label_B_or_BLT: tuple, negative_label_B_or_BLT: tuple | None, cfg: bool):
@@ -375,8 +376,9 @@ class Infinity(nn.Module):
     @torch.no_grad()
     def autoregressive_infer_cfg(self, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]],
                                  label_B_or_BLT: tuple, B: int = 1, **kwargs):
-        """Sample as upstream; returns ``(ret, idx_Bl_list, img)``, ``img`` uint8 (B, H, W, 3) BGR when
-        ``ret_img``. See ``generate`` for the keyword arguments."""
+        """Sample as upstream. Returns ``([], bits, out)``: ``bits`` the (B, h, w, d) bit labels of every
+        executed scale; ``out`` the image as upstream returns it (uint8 (B, H, W, 3), BGR) when
+        ``ret_img``, else the accumulated codes (B, d, 1, H, W). See ``generate`` for the arguments."""
         return generate(self, vae, scale_schedule, label_B_or_BLT, B, **kwargs)
 
 
@@ -492,7 +494,7 @@ OFFICIAL = {
     "infinity-2b": (dict(depth=32, embed_dim=2048, num_heads=16, block_chunks=8), (32, False),
                     "infinity_2b_reg", "infinity_vae_d32reg"),
     "infinity-8b": (dict(depth=40, embed_dim=3584, num_heads=28, block_chunks=8, apply_spatial_patchify=1),
-                    (14, True), "infinity_8b_weights", "infinity_vae_d56_f8_14_patchify"),
+                    (14, True), "infinity_8b_weights/", "infinity_vae_d56_f8_14_patchify"),  # a sharded folder
 }
 
 
