@@ -8,7 +8,8 @@ from conftest import random_text, tiny_infinity
 
 import fastvar
 from fastvar import FastVARConfig
-from fastvar.adapters.infinity import official_layers
+from fastvar.adapters import find_adapter
+from fastvar.adapters.infinity import InfinityAdapter, make_any_block_class, official_layers
 from fastvar.models.infinity import scale_schedule
 
 
@@ -94,3 +95,28 @@ def test_schedule_without_the_configured_scales_is_refused():
     fastvar.patch(model, FastVARConfig(prune={-9: 0.5}))
     with pytest.raises(ValueError, match="scale position -9 does not exist; this schedule has 7 scales"):
         sample(model, vae, scale_schedule(1.0, "0.06M"), random_text([3]), B=1)
+
+
+def test_upstream_blocks_get_the_upstream_routing():
+    class CrossAttnBlock(torch.nn.Module):  # the upstream block's call signature
+        def forward(self, x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
+                    rope2d_freqs_grid=None, scale_ind=0):
+            return x
+
+    patched = make_any_block_class(CrossAttnBlock)
+    assert patched.__name__ == "FastVARUpstreamBlock" and issubclass(patched, CrossAttnBlock)
+    model, _ = tiny_infinity(depth=2)
+    assert make_any_block_class(type(model.unregistered_blocks[0])).__name__ == "FastVARBlock"
+
+
+def test_infinity_objects_are_recognised_by_name_and_attributes():
+    class Infinity(torch.nn.Module):  # the upstream class name is what is recognised
+        unregistered_blocks, lvl_embed, word_embed = [], None, None
+
+        def autoregressive_infer_cfg(self):
+            pass
+
+    assert find_adapter(Infinity()) is InfinityAdapter
+    del Infinity.word_embed
+    with pytest.raises(TypeError, match=r"cannot patch this Infinity: supported families are var .*; infinity"):
+        find_adapter(Infinity())

@@ -165,7 +165,7 @@ def test_summary_reports_pruning_skipping_and_flops(var):
 
 
 def test_unsupported_models_and_configs_raise(var):
-    with pytest.raises(TypeError, match=r"cannot patch a Linear: supported families are var \(a class named VAR"):
+    with pytest.raises(TypeError, match=r"cannot patch this Linear: supported families are var \(a class named VAR"):
         fastvar.patch(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown var preset 'paper'; available: \\['default', 'none'\\]"):
         fastvar.patch(var, "paper")
@@ -188,5 +188,5 @@ def test_upstream_shaped_objects_are_recognised_by_name_and_attributes():
 
     assert find_adapter(VAR()) is VarAdapter
     del VAR.vae_proxy
-    with pytest.raises(TypeError, match="cannot patch a VAR"):
+    with pytest.raises(TypeError, match="cannot patch this VAR"):
         find_adapter(VAR())

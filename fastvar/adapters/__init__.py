@@ -17,4 +17,4 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
         if adapter.matches(model):
             return adapter
     supported = "; ".join(f"{a.family} ({a.description})" for a in ADAPTERS)
-    raise TypeError(f"fastvar cannot patch a {type(model).__name__}: supported families are {supported}")
+    raise TypeError(f"fastvar cannot patch this {type(model).__name__}: supported families are {supported}")

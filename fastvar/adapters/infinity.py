@@ -1,18 +1,18 @@
-"""FastVAR for Infinity (fastvar.models.infinity.Infinity)."""
+"""FastVAR for Infinity: fastvar.models.infinity.Infinity, or the upstream repo's Infinity object."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
 
 import torch
 from torch import nn
 
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
-from fastvar.models.infinity import TEMPLATE_SCALES, ada_layer_norm, generate
+from fastvar.models.infinity import TEMPLATE_SCALES, ada_layer_norm
 from fastvar.summary import CostModel
 
-REQUIRED = ("unregistered_blocks", "autoregressive_infer_cfg", "lvl_embed", "word_embed", "rope")
+REQUIRED = ("unregistered_blocks", "autoregressive_infer_cfg", "lvl_embed", "word_embed")
 TYPICAL_PROMPT_TOKENS = 64  # cross-attention keys assumed by the FLOP estimate
 
 
@@ -52,20 +52,66 @@ def make_block_class(parent: type) -> type:
     return FastVARBlock
 
 
+def make_upstream_block_class(parent: type) -> type:
+    class FastVARUpstreamBlock(parent):
+        """The upstream repo's CrossAttnBlock, routed like ``FastVARBlock``. Its self-attention slices
+        rotary rows from a table keyed by the schedule; for the kept tokens it is handed a table of
+        just their rows, one per batch row, read from position 0."""
+
+        def forward(self, x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
+                    rope2d_freqs_grid=None, scale_ind=0):
+            state, layer = self._fastvar, self._fastvar_layer
+            si = state.scale_of(x.shape[1]) if attn_bias_or_two_vector is None else None
+            if si is None or not state.acts_on(si, layer):
+                return super().forward(x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn, scale_schedule,
+                                       rope2d_freqs_grid, scale_ind)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
+            norm = self.fused_norm_func or (lambda C, eps, x, scale, shift: ada_layer_norm(x, scale, shift, eps))
+            key = str(tuple(scale_schedule))
+            start = sum(t * h * w for t, h, w in scale_schedule[:scale_ind])
+
+            def self_attention(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                t = norm(C=self.C, eps=self.norm_eps, x=t, scale=scale1, shift=shift1)
+                if idx is None:
+                    return self.sa(t, None, attn_fn, scale_schedule, rope2d_freqs_grid, scale_ind=scale_ind).mul_(
+                        gamma1)
+                rows = rope2d_freqs_grid[key].to(t.device)[:, 0, 0, 0, start:][:, idx]  # (2, B, k, D/2)
+                return self.sa(t, None, attn_fn, scale_schedule, {key: rows[:, None, :, None]}, scale_ind=0).mul_(
+                    gamma1)
+
+            def cross_attention(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                return self.ca(self.ca_norm(t), ca_kv).float().mul_(self.ca_gamma)
+
+            def ffn(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+                return self.ffn(norm(C=self.C, eps=self.norm_eps, x=t, scale=scale2, shift=shift2)).mul(gamma2)
+
+            x = x + state.run_branch(layer, "sa", si, x, self_attention)
+            x = x + state.run_branch(layer, "ca", si, x, cross_attention)
+            return x + state.run_branch(layer, "ffn", si, x, ffn)
+
+    return FastVARUpstreamBlock
+
+
+def make_any_block_class(parent: type) -> type:
+    """The upstream block takes the schedule and a rotary table; fastvar's takes its rotary rows."""
+    upstream = "rope2d_freqs_grid" in inspect.signature(parent.forward).parameters
+    return (make_upstream_block_class if upstream else make_block_class)(parent)
+
+
 def make_root_class(parent: type) -> type:
     class FastVARInfinity(parent):
         @torch.no_grad()
-        def autoregressive_infer_cfg(self, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]],
-                                     label_B_or_BLT: tuple, B: int = 1, **kwargs):
-            """Sampling as unpatched, with the config resolved for this call's schedule; skipped
-            final scales are not run and the image is decoded from the earlier scales' codes."""
+        def autoregressive_infer_cfg(self, *args, **kwargs):
+            """Sampling as unpatched, with the config resolved for this call's schedule. Skipped final
+            scales are cut with the official ``trunk_scale``: the image is decoded from the codes the
+            earlier scales accumulated."""
             state = self._fastvar
-            state.set_shapes([(h, w) for _, h, w in scale_schedule], len(self.unregistered_blocks))
+            call = inspect.signature(super().autoregressive_infer_cfg).bind(*args, **kwargs)
+            schedule = call.arguments["scale_schedule"]
+            state.set_shapes([(h, w) for _, h, w in schedule], len(self.unregistered_blocks))
+            call.arguments["trunk_scale"] = min(call.arguments.get("trunk_scale", 1000), state.schedule.executed)
             try:
-                if state.schedule.executed == len(scale_schedule):
-                    return super().autoregressive_infer_cfg(vae, scale_schedule, label_B_or_BLT, B, **kwargs)
-                return generate(self, vae, scale_schedule, label_B_or_BLT, B, num_scales=state.schedule.executed,
-                                **kwargs)
+                return super().autoregressive_infer_cfg(*call.args, **call.kwargs)
             finally:
                 state.release()
 
@@ -105,5 +151,5 @@ class InfinityAdapter(Adapter):
         return CostModel(width=model.C, mlp_hidden=block.ffn.fc1.out_features, head_out=model.V,
                          context=TYPICAL_PROMPT_TOKENS)
 
-    block_class = staticmethod(make_block_class)
+    block_class = staticmethod(make_any_block_class)
     root_class = staticmethod(make_root_class)

@@ -374,15 +374,105 @@ class Infinity(nn.Module):
         return self.head(self.head_nm(h.float(), cond_BD.float()))
 
     @torch.no_grad()
-    def autoregressive_infer_cfg(self, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]],
-                                 label_B_or_BLT: tuple, B: int = 1, **kwargs):
-        """Sample as upstream. Returns ``([], bits, out)``: ``bits`` the (B, h, w, d) bit labels of every
-        executed scale; ``out`` the image as upstream returns it (uint8 (B, H, W, 3), BGR) when
-        ``ret_img``, else the accumulated codes (B, d, 1, H, W). See ``generate`` for the arguments."""
-        return generate(self, vae, scale_schedule, label_B_or_BLT, B, **kwargs)
+    def autoregressive_infer_cfg(
+        self, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]], label_B_or_BLT: tuple,
+        B: int = 1, negative_label_B_or_BLT: tuple | None = None, g_seed: int | None = None,
+        cfg_list: Sequence[float] = (), tau_list: Sequence[float] = (), top_k: int = 0, top_p: float = 0.0,
+        cfg_insertion_layer: Sequence[int] = (0,), vae_type: int = 0, ret_img: bool = False, trunk_scale: int = 1000,
+        gt_leak: int = 0, gt_ls_Bl: Sequence[torch.Tensor] | None = None, progress: bool = False,
+        on_scale_logits=None, **official_options,
+    ):
+        """The official sampling call. cfg_list / tau_list: guidance and temperature per scale.
+        cfg_insertion_layer: 0 mixes CFG on the logits, a negative i on the output of block depth+i.
+        trunk_scale: only the scales before it run; the image is decoded from what they accumulated.
+        gt_leak / gt_ls_Bl: the bits (B, h, w, d) of the first ``gt_leak`` scales are given instead of
+        sampled (teacher forcing). ``on_scale_logits(si, logits)`` sees the logits handed to the sampler.
+
+        Returns ``([], bits, out)``: the (B, h, w, d) bits of every executed scale, and the image as
+        upstream returns it (uint8 (B, H, W, 3), BGR) when ``ret_img``, else the codes (B, d, 1, H, W).
+        """
+        check_official_options(official_options)
+        if vae_type == 0:
+            raise ValueError("only bit-label VAEs (vae_type = codebook_dim) are supported")
+        K = len(scale_schedule)
+        if len(cfg_list) < K or len(tau_list) < K:
+            raise ValueError(f"cfg_list and tau_list need one entry per scale ({K}), got {len(cfg_list)}, "
+                             f"{len(tau_list)}")
+        num_scales = min(K, trunk_scale)
+        device = self.pos_start.device
+        rng = None if g_seed is None else _generator_on(self, device).manual_seed(g_seed)
+        patchify = self.apply_spatial_patchify
+        vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in scale_schedule] if patchify else list(scale_schedule)
+
+        use_cfg = any(c != 1 for c in cfg_list)
+        rows = 2 * B if use_cfg else B
+        cond_BD, ca_kv = self.encode_text(label_B_or_BLT, negative_label_B_or_BLT, use_cfg)
+        x = cond_BD.unsqueeze(1).expand(rows, 1, -1) + self.pos_start.expand(rows, 1, -1)
+        cond = self.shared_ada_lin(cond_BD.float()).float().contiguous()
+        blocks = self.unregistered_blocks
+        mix_layers = {len(blocks) + i for i in cfg_insertion_layer if i < 0}
+        rope = self.rope(scale_schedule)
+        summed_codes, begin, bits_list = 0, 0, []
+
+        for block in blocks:
+            block.sa.kv_caching(True)
+        scales = tqdm(range(num_scales), desc="scales", leave=False) if progress else range(num_scales)
+        for si in scales:
+            t, h, w = scale_schedule[si]
+            cfg, n = cfg_list[si], t * h * w
+            x[:, :n] += self.lvl_embed(torch.full((rows, n), si, dtype=torch.int, device=device))
+            scale_rope = rope[:, begin : begin + n]
+            for layer, block in enumerate(blocks):
+                x = block(x, cond, ca_kv, scale_rope)
+                if cfg != 1 and layer in mix_layers:
+                    x = cfg * x[:B] + (1 - cfg) * x[B:]
+                    x = torch.cat((x, x))
+            begin += n
+            if cfg != 1 and 0 in cfg_insertion_layer:
+                logits = self.get_logits(x, cond_BD).mul(1 / tau_list[si])
+                logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
+            else:
+                logits = self.get_logits(x[:B], cond_BD[:B]).mul(1 / tau_list[si])
+            logits = logits.reshape(B, -1, 2)
+            if on_scale_logits is not None:
+                on_scale_logits(si, logits)
+            bits = sample_bits(logits, top_k=top_k, top_p=top_p, rng=rng).reshape(B, h, w, -1)
+            if si < gt_leak:
+                bits = gt_ls_Bl[si]
+            bits_list.append(bits)
+            codes = vae.bits_to_codes(bits)  # (B, d, 1, h, w); 2h x 2w with spatial patchify
+            if si == K - 1:
+                summed_codes = summed_codes + codes
+                break
+            summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
+            if si + 1 < num_scales:
+                nxt = F.interpolate(summed_codes, size=vae_schedule[si + 1], mode="trilinear").squeeze(-3)
+                if patchify:
+                    nxt = F.pixel_unshuffle(nxt, 2)
+                x = self.word_embed(nxt.flatten(2).transpose(1, 2)).repeat(rows // B, 1, 1)
+        for block in blocks:
+            block.sa.kv_caching(False)
+        if not ret_img:
+            return [], bits_list, summed_codes
+        image = (vae.decode(summed_codes.squeeze(-3)) + 1) / 2
+        return [], bits_list, image.permute(0, 2, 3, 1).mul_(255).to(torch.uint8).flip(dims=(3,))
 
 
 # ----------------------------------------------------------------------------- sampling
+
+# Official sampling arguments for paths fastvar does not implement: accepted at these values only.
+UNIMPLEMENTED_OPTIONS = dict(force_gt_Bhw=None, ratio_Bl1=None, gumbel=0, norm_cfg=False, cfg_exp_k=0.0,
+                             softmax_merge_topk=-1, sampling_per_bits=1)
+IGNORED_OPTIONS = {"cfg_sc", "returns_vemb", "inference_mode", "save_img_path"}  # no effect on sampling
+
+
+def check_official_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(UNIMPLEMENTED_OPTIONS) - IGNORED_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown autoregressive_infer_cfg argument(s) {unknown}")
+    changed = {k: v for k, v in options.items() if k in UNIMPLEMENTED_OPTIONS and v != UNIMPLEMENTED_OPTIONS[k]}
+    if changed:
+        raise ValueError(f"unsupported sampling options {changed}; only {UNIMPLEMENTED_OPTIONS} are implemented")
 
 
 def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, rng: torch.Generator | None) -> torch.Tensor:
@@ -403,88 +493,6 @@ def _generator_on(model: nn.Module, device: torch.device) -> torch.Generator:
     if model.rng.device != device:
         model.rng = torch.Generator(device=device)
     return model.rng
-
-
-@torch.no_grad()
-def generate(
-    model: Infinity, vae: nn.Module, scale_schedule: Sequence[tuple[int, int, int]], label_B_or_BLT: tuple,
-    B: int = 1, negative_label_B_or_BLT: tuple | None = None, g_seed: int | None = None,
-    cfg_list: Sequence[float] = (), tau_list: Sequence[float] = (), top_k: int = 0, top_p: float = 0.0,
-    cfg_insertion_layer: Sequence[int] = (0,), vae_type: int = 0, ret_img: bool = False, trunk_scale: int = 1000,
-    gt_leak: int = 0, gt_ls_Bl: Sequence[torch.Tensor] | None = None, num_scales: int | None = None,
-    progress: bool = False, on_scale_logits=None, **ignored,
-):
-    """The Infinity sampling loop.
-
-    cfg_list / tau_list: guidance and temperature per scale. cfg_insertion_layer: 0 mixes CFG on the
-    logits, a negative i on the output of block depth+i. gt_leak / gt_ls_Bl: the bits of the first
-    ``gt_leak`` scales are given instead of sampled (teacher forcing). ``num_scales`` runs only the
-    first scales and decodes what they accumulated (scale skipping). ``on_scale_logits(si, logits)``
-    sees the logits handed to the sampler.
-    """
-    if vae_type == 0:
-        raise ValueError("only bit-label VAEs (vae_type = codebook_dim) are supported")
-    K = len(scale_schedule)
-    if len(cfg_list) < K or len(tau_list) < K:
-        raise ValueError(f"cfg_list and tau_list need one entry per scale ({K}), got {len(cfg_list)}, {len(tau_list)}")
-    num_scales = min(K if num_scales is None else num_scales, trunk_scale)
-    device = model.pos_start.device
-    rng = None if g_seed is None else _generator_on(model, device).manual_seed(g_seed)
-    patchify = model.apply_spatial_patchify
-    vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in scale_schedule] if patchify else list(scale_schedule)
-
-    use_cfg = any(c != 1 for c in cfg_list)
-    rows = 2 * B if use_cfg else B
-    cond_BD, ca_kv = model.encode_text(label_B_or_BLT, negative_label_B_or_BLT, use_cfg)
-    x = cond_BD.unsqueeze(1).expand(rows, 1, -1) + model.pos_start.expand(rows, 1, -1)
-    cond = model.shared_ada_lin(cond_BD.float()).float().contiguous()
-    blocks = model.unregistered_blocks
-    mix_layers = {len(blocks) + i for i in cfg_insertion_layer if i < 0}
-    rope = model.rope(scale_schedule)
-    summed_codes, begin, bits_list = 0, 0, []
-
-    for block in blocks:
-        block.sa.kv_caching(True)
-    scales = tqdm(range(num_scales), desc="scales", leave=False) if progress else range(num_scales)
-    for si in scales:
-        t, h, w = scale_schedule[si]
-        cfg, n = cfg_list[si], t * h * w
-        x[:, :n] += model.lvl_embed(torch.full((rows, n), si, dtype=torch.int, device=device))
-        scale_rope = rope[:, begin : begin + n]
-        for layer, block in enumerate(blocks):
-            x = block(x, cond, ca_kv, scale_rope)
-            if cfg != 1 and layer in mix_layers:
-                x = cfg * x[:B] + (1 - cfg) * x[B:]
-                x = torch.cat((x, x))
-        begin += n
-        if cfg != 1 and 0 in cfg_insertion_layer:
-            logits = model.get_logits(x, cond_BD).mul(1 / tau_list[si])
-            logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
-        else:
-            logits = model.get_logits(x[:B], cond_BD[:B]).mul(1 / tau_list[si])
-        logits = logits.reshape(B, -1, 2)
-        if on_scale_logits is not None:
-            on_scale_logits(si, logits)
-        bits = sample_bits(logits, top_k=top_k, top_p=top_p, rng=rng).reshape(B, h, w, -1)
-        if si < gt_leak:
-            bits = gt_ls_Bl[si]
-        bits_list.append(bits)
-        codes = vae.bits_to_codes(bits)  # (B, d, 1, h, w); 2h x 2w with spatial patchify
-        if si == K - 1:
-            summed_codes = summed_codes + codes
-            break
-        summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
-        if si + 1 < num_scales:
-            nxt = F.interpolate(summed_codes, size=vae_schedule[si + 1], mode="trilinear").squeeze(-3)
-            if patchify:
-                nxt = F.pixel_unshuffle(nxt, 2)
-            x = model.word_embed(nxt.flatten(2).transpose(1, 2)).repeat(rows // B, 1, 1)
-    for block in blocks:
-        block.sa.kv_caching(False)
-    if not ret_img:
-        return [], bits_list, summed_codes
-    image = (vae.decode(summed_codes.squeeze(-3)) + 1) / 2
-    return [], bits_list, image.permute(0, 2, 3, 1).mul_(255).to(torch.uint8).flip(dims=(3,))
 
 
 # ----------------------------------------------------------------------------- official configurations
