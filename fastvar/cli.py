@@ -109,7 +109,7 @@ def generate_infinity(args: argparse.Namespace) -> None:
         pipe = InfinityPipeline.from_pretrained(args.weights or f"infinity-{args.model}", device=device)
         images = pipe(args.prompts, seed=args.seed, cfg=args.cfg, tau=args.tau, size=args.size,
                       preset=None if args.no_fastvar else args.preset)
-    except (WeightsUnavailableError, ValueError, ImportError, OSError, NotImplementedError) as err:
+    except (WeightsUnavailableError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"error: {err}") from err
     to_grid(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])).save(
         args.out)

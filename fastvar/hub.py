@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,11 +28,16 @@ def _unavailable(repo_id: str, filename: str, err: Exception) -> WeightsUnavaila
     )
 
 
+def download_file(repo_id: str, filename: str) -> Path:
+    """One file of a Hub repo; the hub's own errors propagate."""
+    return Path(huggingface_hub.hf_hub_download(repo_id, filename))
+
+
 def download(repo_id: str, stem: str) -> Path:
     """Download ``stem.safetensors``, or ``stem.pth`` where the repo has no safetensors, from the Hub."""
     for suffix in SUFFIXES:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, stem + suffix))
+            return download_file(repo_id, stem + suffix)
         except _REMOTE_MISSING as err:
             if not isinstance(err, hub_errors.LocalEntryNotFoundError):  # offline: old hubs file it here too
                 continue
@@ -110,3 +116,35 @@ def load_checkpoint(
     if problems:
         raise ValueError(f"checkpoint does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=False)
+
+
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # the transformers layout
+
+
+def fetch_sharded_state_dict(repo_id: str, folder: str, local: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The merged state dict of a sharded checkpoint (an index JSON naming its shard files, as written
+    by transformers): the ``folder`` of a Hub repo, or the local directory ``local``."""
+
+    def fetch(name: str) -> Path:
+        return download_file(repo_id, f"{folder}/{name}") if local is None else Path(local) / name
+
+    index = None
+    for name in SHARD_INDEXES:
+        try:
+            path = fetch(name)
+        except _REMOTE_MISSING as err:
+            if isinstance(err, hub_errors.LocalEntryNotFoundError):
+                raise _unavailable(repo_id, f"{folder}/{name}", err) from err
+            continue
+        except (OSError, hub_errors.HfHubHTTPError, ValueError) as err:
+            raise _unavailable(repo_id, f"{folder}/{name}", err) from err
+        if path.is_file():
+            index = path
+            break
+    if index is None:
+        where = local if local is not None else f"{repo_id}/{folder}"
+        raise WeightsUnavailableError(f"{where} holds none of {list(SHARD_INDEXES)}")
+    state = {}
+    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(read_state_dict(fetch(name)))
+    return state

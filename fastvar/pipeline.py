@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import fastvar
 from fastvar.config import FastVARConfig
-from fastvar.hub import fetch_state_dict, load_checkpoint
+from fastvar.hub import fetch_sharded_state_dict, fetch_state_dict, load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE, DERIVED_BUFFERS
 from fastvar.models.infinity import (
     EXTENDED_SCALE,
@@ -74,14 +74,13 @@ class InfinityPipeline:
         flan-T5-XL encoder; or a directory written by ``save_pretrained``."""
         tf = _transformers()
         path = Path(name_or_path)
-        if str(name_or_path) == "infinity-8b":
-            raise NotImplementedError("Infinity-8B's Hub checkpoint is sharded (infinity_8b_weights/), which "
-                                      "fastvar does not load yet; fastvar.models.infinity.build('infinity-8b') "
-                                      "gives the architecture with random weights")
         if str(name_or_path) in OFFICIAL:
             _, _, transformer_file, vae_file = OFFICIAL[str(name_or_path)]
             vae_state = fetch_state_dict(HUB_REPO, vae_file, wrapper_keys=("vae",))
-            transformer_state = fetch_state_dict(HUB_REPO, transformer_file, wrapper_keys=("trainer", "gpt_fsdp"))
+            if transformer_file.endswith("/"):  # Infinity-8B: a folder of shards
+                transformer_state = fetch_sharded_state_dict(HUB_REPO, transformer_file.rstrip("/"))
+            else:
+                transformer_state = fetch_state_dict(HUB_REPO, transformer_file, wrapper_keys=("trainer", "gpt_fsdp"))
             transformer, vae = build(str(name_or_path))
             load_checkpoint(vae, vae_state, DERIVED_BUFFERS)
             load_checkpoint(transformer, transformer_state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
@@ -214,3 +215,35 @@ def test_from_pretrained_without_derived_buffer(tmp_path, tiny_build):
     var = VAR.from_pretrained(depth=16, weights=tmp_path, vae_weights=tmp_path)
     var_state["attn_bias_for_masking"] = tiny_pair()[1].attn_bias_for_masking  # rebuilt, not loaded
     assert_loaded(var, var_state, vae_state)
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+def write_shards(folder, state, index_name="model.safetensors.index.json"):
+    """Split ``state`` over two shard files with a transformers-style index, as the 8B checkpoint is."""
+    folder.mkdir(parents=True)
+    keys = sorted(state)
+    halves = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.pth": keys[len(keys) // 2 :]}
+    for name, part in halves.items():
+        save({k: state[k] for k in part}, folder / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("index_name", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_sharded_checkpoint_from_a_local_folder(tmp_path, index_name):
+    state = random_state(tiny_pair()[1])
+    write_shards(tmp_path / "shards", state, index_name)
+    assert_same(hub.fetch_sharded_state_dict("any/repo", "shards", tmp_path / "shards"), state)
+    with pytest.raises(hub.WeightsUnavailableError, match="holds none of"):
+        hub.fetch_sharded_state_dict("any/repo", "shards", tmp_path)
+
+
+def test_sharded_checkpoint_from_the_hub(tmp_path, monkeypatch):
+    state = random_state(tiny_pair()[1])
+    write_shards(tmp_path / "weights", state, "pytorch_model.bin.index.json")
+    calls = fake_hub(monkeypatch, tmp_path)
+    assert_same(hub.fetch_sharded_state_dict("org/model", "weights"), state)
+    assert [f for _, f in calls] == ["weights/model.safetensors.index.json", "weights/pytorch_model.bin.index.json",
+                                     "weights/part-1.safetensors", "weights/part-2.pth"]

@@ -70,6 +70,17 @@ def test_unsupported_sizes_and_models_are_refused(tmp_path, monkeypatch):
         InfinityPipeline.from_pretrained("infinity-2b")
 
 
-def test_sharded_8b_checkpoint_is_reported_not_loaded():
-    with pytest.raises(NotImplementedError, match="sharded"):
-        InfinityPipeline.from_pretrained("infinity-8b")
+def test_official_models_are_fetched_by_name_sharded_8b_included(monkeypatch, tmp_path):
+    """from_pretrained asks the Hub for the official files (the 8B transformer through its shard index)."""
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        raise hub_errors.LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hub)
+    for name, vae_file in (("infinity-2b", "infinity_vae_d32reg"), ("infinity-8b", "infinity_vae_d56_f8_14_patchify")):
+        with pytest.raises(WeightsUnavailableError, match=vae_file):
+            InfinityPipeline.from_pretrained(name)
+    assert asked == [("FoundationVision/Infinity", "infinity_vae_d32reg.safetensors"),
+                     ("FoundationVision/Infinity", "infinity_vae_d56_f8_14_patchify.safetensors")]
