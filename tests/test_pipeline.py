@@ -84,3 +84,14 @@ def test_official_models_are_fetched_by_name_sharded_8b_included(monkeypatch, tm
             InfinityPipeline.from_pretrained(name)
     assert asked == [("FoundationVision/Infinity", "infinity_vae_d32reg.safetensors"),
                      ("FoundationVision/Infinity", "infinity_vae_d56_f8_14_patchify.safetensors")]
+
+
+def test_checkpoint_of_another_family_is_refused(pipe, tmp_path):
+    from conftest import tiny_var
+    from safetensors.torch import save_file
+
+    pipe.save_pretrained(tmp_path)
+    save_file(tiny_var().state_dict(), tmp_path / "transformer.safetensors")  # a VAR where Infinity belongs
+    expected = r"checkpoint does not fit Infinity: missing keys: block_chunks.*unexpected keys: attn_bias_for_masking"
+    with pytest.raises(ValueError, match=expected):
+        InfinityPipeline.from_pretrained(tmp_path)
