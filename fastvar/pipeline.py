@@ -82,7 +82,7 @@ class InfinityPipeline:
             else:
                 transformer_state = fetch_state_dict(HUB_REPO, transformer_file, wrapper_keys=("trainer", "gpt_fsdp"))
             transformer, vae = build(str(name_or_path))
-            load_checkpoint(vae, vae_state, DERIVED_BUFFERS)
+            load_checkpoint(vae, vae.adapt_state_dict(vae_state), DERIVED_BUFFERS)
             load_checkpoint(transformer, transformer_state)
             encoder_path = text_encoder
         elif path.is_dir() and (path / "fastvar_infinity.json").is_file():

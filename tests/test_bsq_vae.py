@@ -126,3 +126,12 @@ def test_official_architectures(codebook_dim, spatial_patchify, bits, patch, key
     assert (vae.bits_per_token, vae.patch_size) == (bits, patch)
     assert len(vae.state_dict()) == keys
     assert sum(p.numel() for p in vae.parameters()) == params
+
+
+def test_plain_conv_and_norm_key_spelling_is_adapted(reference):
+    vae = reference.build_vae()
+    plain = {k.replace(".conv.", ".").replace(".norm.", "."): v for k, v in reference.vae_state.items()}
+    assert plain.keys() != reference.vae_state.keys()
+    fresh = BSQVAE(**vae.config)
+    load_checkpoint(fresh, fresh.adapt_state_dict(plain))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in reference.vae_state.items())

@@ -267,6 +267,17 @@ class BSQVAE(nn.Module):
         codes = self.quantizer.lfq(bits)  # (B, h, w, d)
         return codes.permute(0, 3, 1, 2).unsqueeze(2)
 
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename plain ``nn.Conv2d`` / ``nn.GroupNorm`` keys (``x.weight``) to this model's wrapped
+        spelling (``x.conv.weight``, ``x.norm.weight``): the official loader accepts both."""
+        own = self.state_dict().keys()
+        renamed = {}
+        for key, value in state_dict.items():
+            stem, _, leaf = key.rpartition(".")
+            wrapped = [f"{stem}.{inner}.{leaf}" for inner in ("conv", "norm") if f"{stem}.{inner}.{leaf}" in own]
+            renamed[wrapped[0] if key not in own and wrapped else key] = value
+        return renamed
+
     def decode(self, summed_codes: torch.Tensor) -> torch.Tensor:
         """Latent (B, codebook_dim, H, W), or (B, codebook_dim, 1, H, W) as accumulated from
         ``bits_to_codes``, -> image (B, 3, H*patch_size, W*patch_size) in [-1, 1], RGB.
