@@ -1,12 +1,11 @@
 """BSQ-VAE: the binary spherical quantization image tokenizer of Infinity (FoundationVision/Infinity).
 
 Generation uses only the decoding side. The transformer predicts, at every scale, one bit per latent
-channel and position; ``BSQVAE.bits_to_codes`` turns the bits into codes, ``upsample_codes`` brings each
-scale's codes to the last scale's resolution where they are summed, and ``BSQVAE.decode`` turns the sum
-into an image. ``state_dict()`` has the keys, shapes and buffers of the official ``AutoEncoder``'s
-(encoder, decoder and the codebook's bit mask), so its state dicts load strictly. The encoder is kept for
-those keys and because it is small; the multi-scale residual quantization that trains the tokenizer is
-left out.
+channel and position; ``BSQVAE.bits_to_codes`` turns the bits into codes, the sampling loop sums every
+scale's codes at the last scale's resolution, and ``BSQVAE.decode`` turns the sum into an image.
+``state_dict()`` has the keys, shapes and buffers of the official ``AutoEncoder``'s (encoder, decoder
+and the codebook's bit mask), so its state dicts load strictly. The encoder is kept for those keys and
+because it is small; the multi-scale residual quantization that trains the tokenizer is left out.
 
 The file reads top to bottom: conv building blocks, encoder, decoder, codebook, the autoencoder.
 """
@@ -291,17 +290,6 @@ class BSQVAE(nn.Module):
                 raise ValueError(f"expected a single time step, got latent shape {tuple(summed_codes.shape)}")
             summed_codes = summed_codes.squeeze(2)
         return self.decoder(summed_codes.contiguous(memory_format=torch.channels_last)).clamp(-1, 1)
-
-
-def upsample_codes(codes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Codes (B, d, 1, h, w) -> (B, d, *size), ``size`` = (1, H, W) of the last VAE scale.
-
-    Trilinear with ``align_corners=False``, as upstream accumulates ``summed_codes``; codes already at
-    ``size`` are returned as they are (upstream adds the last scale without resizing).
-    """
-    if tuple(codes.shape[-3:]) == tuple(size):
-        return codes
-    return F.interpolate(codes, size=tuple(size), mode="trilinear")
 
 
 def official_vae(codebook_dim: int = 32, spatial_patchify: bool = False) -> BSQVAE:
