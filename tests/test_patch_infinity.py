@@ -120,3 +120,16 @@ def test_infinity_objects_are_recognised_by_name_and_attributes():
     del Infinity.word_embed
     with pytest.raises(TypeError, match=r"cannot patch this Infinity: supported families are var .*; infinity"):
         find_adapter(Infinity())
+
+
+def test_negative_prompt_replaces_the_learned_null_text():
+    model, vae = tiny_infinity(depth=2)
+    schedule, text = scale_schedule(1.0, "0.06M"), random_text([3, 5])
+    null = torch.cat([model.cfg_uncond[:n] for n in text[1]])
+    same_as_default = (null, text[1], text[2], text[3])
+    summed = sample(model, vae, schedule, text, B=2)[2]
+    summed_neg = sample(model, vae, schedule, text, B=2, negative_label_B_or_BLT=same_as_default)[2]
+    assert torch.equal(summed, summed_neg)
+    other = random_text([3, 5], seed=9)
+    _, _, summed_other = sample(model, vae, schedule, text, B=2, negative_label_B_or_BLT=other)
+    assert not torch.equal(summed, summed_other)
