@@ -23,6 +23,7 @@ from fastvar.models.infinity import (
     VAE_STRIDE,
     Infinity,
     build,
+    nearest_template,
     scale_schedule,
 )
 
@@ -58,6 +59,14 @@ def schedule_for(width: int, height: int) -> list[tuple[int, int, int]]:
         listing = ", ".join(f"{w}x{h}" for w, h in supported_sizes())
         raise ValueError(f"unsupported size {width}x{height}; supported (width x height): {listing}")
     return schedule
+
+
+def schedule_for_ratio(h_div_w: float, pixels: str = "1M") -> list[tuple[int, int, int]]:
+    """The schedule of the template matching ``h_div_w`` (within 2%); ``ValueError`` listing them otherwise."""
+    template = nearest_template(h_div_w)
+    if abs(template - h_div_w) > 0.02 * template:
+        raise ValueError(f"unsupported aspect ratio (height / width) {h_div_w}; supported: {sorted(TEMPLATE_SCALES)}")
+    return scale_schedule(template, pixels)
 
 
 class InfinityPipeline:
@@ -132,15 +141,16 @@ class InfinityPipeline:
     @torch.no_grad()
     def __call__(
         self, prompt: str | Sequence[str], seed: int | None = 0, cfg: float = 3.0, tau: float = 0.5,
-        size: tuple[int, int] = (1024, 1024), preset: FastVARConfig | str | None = "paper", top_k: int = 900,
-        top_p: float = 0.97, progress: bool = True,
+        size: tuple[int, int] | None = (1024, 1024), aspect_ratio: float | None = None, pixels: str = "1M",
+        preset: FastVARConfig | str | None = "paper", top_k: int = 900, top_p: float = 0.97, progress: bool = True,
     ) -> list[Image.Image]:
-        """Images (width x height ``size``) for the prompts. ``preset``: a FastVAR preset name or config,
-        or None to run the model unpatched."""
+        """Images for the prompts, of ``size`` (width, height), or of ``aspect_ratio`` (height / width) at
+        the pixel budget ``pixels`` ('0.06M', '0.25M', '0.60M', '1M', 'extended'). ``preset``: a FastVAR
+        preset name or config, or None to run the model unpatched."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
-        schedule = schedule_for(*size)
+        schedule = schedule_for(*size) if aspect_ratio is None else schedule_for_ratio(aspect_ratio, pixels)
         if preset is None:
             if fastvar.is_patched(self.transformer):
                 fastvar.unpatch(self.transformer)

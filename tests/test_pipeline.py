@@ -95,3 +95,10 @@ def test_checkpoint_of_another_family_is_refused(pipe, tmp_path):
     expected = r"checkpoint does not fit Infinity: missing keys: block_chunks.*unexpected keys: attn_bias_for_masking"
     with pytest.raises(ValueError, match=expected):
         InfinityPipeline.from_pretrained(tmp_path)
+
+
+def test_aspect_ratio_and_pixel_budget_choose_the_schedule(pipe):
+    images = pipe("a cat", size=None, aspect_ratio=0.5, pixels="0.06M", preset=None, progress=False)
+    assert images[0].size == (22 * 16, 11 * 16)  # the 0.06M scale of the 1:2 template: 11 x 22 tokens
+    with pytest.raises(ValueError, match=r"unsupported aspect ratio \(height / width\) 0.9; supported: \[0.333"):
+        pipe("a cat", aspect_ratio=0.9)
