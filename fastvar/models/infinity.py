@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastvar.models.bsq_vae import BSQVAE, official_vae
+from fastvar.models.sampling import generator_on, sample_with_top_k_top_p_
 
 # ----------------------------------------------------------------------------- scale schedules
 
@@ -400,7 +401,7 @@ class Infinity(nn.Module):
                              f"{len(tau_list)}")
         num_scales = min(K, trunk_scale)
         device = self.pos_start.device
-        rng = None if g_seed is None else _generator_on(self, device).manual_seed(g_seed)
+        rng = None if g_seed is None else generator_on(self, device).manual_seed(g_seed)
         patchify = self.apply_spatial_patchify
         vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in scale_schedule] if patchify else list(scale_schedule)
 
@@ -436,7 +437,7 @@ class Infinity(nn.Module):
             logits = logits.reshape(B, -1, 2)
             if on_scale_logits is not None:
                 on_scale_logits(si, logits)
-            bits = sample_bits(logits, top_k=top_k, top_p=top_p, rng=rng).reshape(B, h, w, -1)
+            bits = sample_with_top_k_top_p_(logits, top_k=top_k, top_p=top_p, rng=rng).reshape(B, h, w, -1)
             if si < gt_leak:
                 bits = gt_ls_Bl[si]
             bits_list.append(bits)
@@ -458,7 +459,7 @@ class Infinity(nn.Module):
         return [], bits_list, image.permute(0, 2, 3, 1).mul_(255).to(torch.uint8).flip(dims=(3,))
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- sampling options
 
 # Official sampling arguments for paths fastvar does not implement: accepted at these values only.
 UNIMPLEMENTED_OPTIONS = dict(force_gt_Bhw=None, ratio_Bl1=None, gumbel=0, norm_cfg=False, cfg_exp_k=0.0,
@@ -473,26 +474,6 @@ def check_official_options(options: dict) -> None:
     changed = {k: v for k, v in options.items() if k in UNIMPLEMENTED_OPTIONS and v != UNIMPLEMENTED_OPTIONS[k]}
     if changed:
         raise ValueError(f"unsupported sampling options {changed}; only {UNIMPLEMENTED_OPTIONS} are implemented")
-
-
-def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, rng: torch.Generator | None) -> torch.Tensor:
-    """Mask (B, l, V) logits in place to their top-k / top-p set and draw one index per row."""
-    B, l, V = logits.shape
-    if top_k > 0:
-        kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    return torch.multinomial(logits.softmax(dim=-1).view(-1, V), 1, replacement=True, generator=rng).view(B, l)
-
-
-def _generator_on(model: nn.Module, device: torch.device) -> torch.Generator:
-    if model.rng.device != device:
-        model.rng = torch.Generator(device=device)
-    return model.rng
 
 
 # ----------------------------------------------------------------------------- official configurations

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fastvar.attention import attention
 from fastvar.hub import fetch_state_dict, load_checkpoint
+from fastvar.models.sampling import generator_on, sample_with_top_k_top_p_
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -472,33 +473,9 @@ def build(depth: int = 16, patch_nums: Sequence[int] | None = None, vae_ch: int 
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_with_top_k_top_p_(
-    logits_BlV: torch.Tensor, top_k: int, top_p: float, rng: torch.Generator | None
-) -> torch.Tensor:
-    """Mask ``logits_BlV`` in place to its top-k / top-p set and draw one index per row: (B, l)."""
-    B, l, V = logits_BlV.shape
-    if 0 < top_k < V:  # a k of V or more removes nothing
-        kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False  # the most likely entry always survives
-        logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
-    probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
-
-
 def gumbel_softmax(logits: torch.Tensor, tau: float, rng: torch.Generator | None) -> torch.Tensor:
     gumbels = -torch.empty_like(logits).exponential_(generator=rng).log()
     return ((logits + gumbels) / tau).softmax(dim=-1)
-
-
-def _generator_on(var: nn.Module, device: torch.device) -> torch.Generator:
-    """The model's sampling generator, recreated on ``device`` if the model moved."""
-    if var.rng.device != device:
-        var.rng = torch.Generator(device=device)
-    return var.rng
 
 
 @torch.no_grad()
@@ -515,7 +492,7 @@ def generate(
     K = len(var.patch_nums)
     num_scales = K if num_scales is None else num_scales
     device = var.lvl_1L.device
-    rng = None if g_seed is None else _generator_on(var, device).manual_seed(g_seed)
+    rng = None if g_seed is None else generator_on(var, device).manual_seed(g_seed)
     if label_B is None:
         uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
         label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)

@@ -1,0 +1,33 @@
+"""Token sampling shared by the model families: the official top-k / top-p sampler and its generator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sample_with_top_k_top_p_(
+    logits_BlV: torch.Tensor, top_k: int, top_p: float, rng: torch.Generator | None
+) -> torch.Tensor:
+    """Mask ``logits_BlV`` (B, l, V) in place to its top-k / top-p set and draw one index per row: (B, l).
+
+    The draw is ``torch.multinomial`` on the softmax, so it consumes the generator exactly as upstream.
+    """
+    B, l, V = logits_BlV.shape
+    if 0 < top_k < V:  # a k of V or more removes nothing
+        kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False  # the most likely entry always survives
+        logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
+    probs = logits_BlV.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
+
+
+def generator_on(model: nn.Module, device: torch.device) -> torch.Generator:
+    """The model's sampling generator (``model.rng``), recreated on ``device`` if the model moved."""
+    if model.rng.device != device:
+        model.rng = torch.Generator(device=device)
+    return model.rng
