@@ -1,16 +1,18 @@
-"""Side-by-side latency of a model unpatched and under FastVAR configs, in one process.
+"""Side-by-side latency of a pipeline unpatched and under FastVAR presets, in one process.
 
-Runs are alternated between variants after a warm-up, so drift (clocks, other load) hits all of them;
-each number is the median over repeats. Per-scale times come from hooks on the first block (one call
-per scale) and on the decoder.
+Runs alternate between the variants after a warm-up, so drift (clocks, other load) hits all of them.
+Whole calls are reported by their minimum and median over the repeats (on a shared machine medians
+swing by tens of percent); per-scale times are medians. Per-scale times come from hooks on the first
+block (one call per scale) and on the image decoder.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,16 +20,26 @@ from torch import nn
 import fastvar
 from fastvar.adapters import find_adapter
 from fastvar.config import FastVARConfig
+from fastvar.pipelines.base import Pipeline
 
 
 @dataclass(frozen=True)
 class VariantResult:
     name: str
-    total: float  # seconds, median
+    totals: tuple[float, ...]  # seconds of each repeat of the whole call
     per_scale: tuple[float, ...]  # seconds per scale (0 when skipped), median
-    decode: float
+    decode: float  # seconds, median
     peak_memory: int | None  # bytes, CUDA only
     flop_ratio: float  # ideal, against the unpatched model
+    shapes: tuple[tuple[int, int], ...]  # (h, w) of every scale of the schedule run
+
+    @property
+    def total_min(self) -> float:
+        return min(self.totals)
+
+    @property
+    def total_median(self) -> float:
+        return statistics.median(self.totals)
 
 
 class _StepClock:
@@ -43,14 +55,14 @@ class _StepClock:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def run(self, fn: Callable[[], object], num_scales: int) -> tuple[float, list[float], float]:
+    def run(self, fn: Callable[[], object]) -> tuple[float, list[float], float]:
+        """(whole call, seconds per executed scale, decoding) of one call of ``fn``."""
         self.marks, self.decode_mark = [], None
         start = self._now()
         fn()
         end = self._now()
-        bounds = [start, *self.marks[1:], self.decode_mark]
-        per_scale = [b - a for a, b in zip(bounds, bounds[1:])]
-        return end - start, per_scale + [0.0] * (num_scales - len(per_scale)), end - self.decode_mark
+        bounds = [*self.marks, self.decode_mark]
+        return end - start, [b - a for a, b in zip(bounds, bounds[1:])], end - self.decode_mark
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -58,73 +70,84 @@ class _StepClock:
 
 
 def benchmark(
-    model: nn.Module, run: Callable[[], object], variants: Mapping[str, FastVARConfig | str | None],
-    decoder: nn.Module, device: torch.device, num_scales: int, repeats: int = 5, warmup: int = 1,
+    pipe: Pipeline, inputs: dict[str, Any], variants: Sequence[str | FastVARConfig], repeats: int = 2,
+    warmup: int = 1, report: Callable[[str], None] | None = None,
 ) -> list[VariantResult]:
-    """Time ``run()`` (``num_scales`` scales) on ``model`` unpatched ("baseline") and patched with each
-    variant's config."""
-    names = ["baseline", *variants]
-    adapter = find_adapter(model)
-    flop_ratio = {"baseline": 1.0}
-    samples: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in names}
-    peaks: dict[str, int | None] = dict.fromkeys(names)
-    clock = _StepClock(adapter.blocks(model)[0], decoder, device)
+    """Time ``pipe(**inputs)`` unpatched ("baseline") and under each variant (a preset name or config);
+    ``report`` gets one line per run. The pipeline's model is left unpatched."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    named = {"baseline": None, **{v if isinstance(v, str) else f"config{i}": v for i, v in enumerate(variants)}}
+    samples: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in named}
+    peaks: dict[str, int | None] = dict.fromkeys(named)
+    ratios, shapes = {"baseline": 1.0}, {}
+    device = pipe.device
+    clock = _StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
+    rounds = warmup + repeats
     try:
-        for i in range(warmup + repeats):
-            for name in names:
-                if name == "baseline":
-                    if fastvar.is_patched(model):
-                        fastvar.unpatch(model)
-                else:
-                    fastvar.patch(model, variants[name])
+        for i in range(rounds):
+            for name, variant in named.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sample = clock.run(run, num_scales)
-                if name != "baseline":  # after the run: the schedule is the one the call used
-                    flop_ratio[name] = fastvar.summary(model).flop_ratio
+                sample = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant, progress=False))
+                if variant is not None:  # after the run: the schedule is the one the call used
+                    summary = fastvar.summary(pipe.transformer)
+                    ratios[name], shapes[name] = summary.flop_ratio, tuple(r.shape for r in summary.rows)
                 if device.type == "cuda":
                     peaks[name] = torch.cuda.max_memory_allocated(device)
                 if i >= warmup:
                     samples[name].append(sample)
+                if report is not None:
+                    kind = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
+                    report(f"{kind}: {name} {sample[0]:.2f} s")
     finally:
         clock.close()
-        if fastvar.is_patched(model):
-            fastvar.unpatch(model)
+        if fastvar.is_patched(pipe.transformer):
+            fastvar.unpatch(pipe.transformer)
+    num_scales = len(samples["baseline"][0][1])
+    schedule = next(iter(shapes.values()), ())
     return [
         VariantResult(
             name,
-            statistics.median(s[0] for s in samples[name]),
-            tuple(statistics.median(s[1][si] for s in samples[name]) for si in range(num_scales)),
+            tuple(s[0] for s in samples[name]),
+            tuple(statistics.median((s[1] + [0.0] * num_scales)[si] for s in samples[name])
+                  for si in range(num_scales)),
             statistics.median(s[2] for s in samples[name]),
             peaks[name],
-            flop_ratio[name],
+            ratios[name],
+            shapes.get(name, schedule),
         )
-        for name in names
+        for name in named
     ]
 
 
-def format_results(results: list[VariantResult], shapes: list[tuple[int, int]], title: str) -> str:
-    """A per-scale latency table (ms) with totals, speedups and the ideal FLOP ratio."""
+def format_results(results: list[VariantResult], title: str) -> str:
+    """A per-scale latency table (ms) with whole-call min and median, speedups from both, and the ideal
+    FLOP ratio beside the measured time ratio."""
     base = results[0]
     width = max(12, *(len(r.name) + 2 for r in results))
     head = f"{'scale':>5} {'h x w':>9} " + "".join(f"{r.name:>{width}}" for r in results)
     lines = [title, head]
-    for si, (h, w) in enumerate(shapes):
+    for si in range(len(base.per_scale)):
+        h, w = base.shapes[si] if si < len(base.shapes) else ("", "")
         cells = "".join(f"{r.per_scale[si] * 1e3:>{width}.1f}" if r.per_scale[si] else f"{'skipped':>{width}}"
                         for r in results)
         lines.append(f"{si:>5} {h:>4}x{w:<4} {cells}")
     rows = [
         ("scales ms", [f"{sum(r.per_scale) * 1e3:.1f}" for r in results]),
         ("scales speedup", [f"{sum(base.per_scale) / sum(r.per_scale):.2f}x" for r in results]),
-        ("decode", [f"{r.decode * 1e3:.1f}" for r in results]),
-        ("total ms", [f"{r.total * 1e3:.1f}" for r in results]),
-        ("speedup", [f"{base.total / r.total:.2f}x" for r in results]),
-        ("time ratio", [f"{r.total / base.total:.3f}" for r in results]),
+        ("decode ms", [f"{r.decode * 1e3:.1f}" for r in results]),
+        ("total min ms", [f"{r.total_min * 1e3:.1f}" for r in results]),
+        ("total median ms", [f"{r.total_median * 1e3:.1f}" for r in results]),
+        ("speedup (min)", [f"{base.total_min / r.total_min:.2f}x" for r in results]),
+        ("speedup (median)", [f"{base.total_median / r.total_median:.2f}x" for r in results]),
         ("FLOP ratio", [f"{r.flop_ratio:.3f}" for r in results]),
+        ("time ratio (min)", [f"{r.total_min / base.total_min:.3f}" for r in results]),
     ]
     if base.peak_memory is not None:
         rows.append(("peak GiB", [f"{r.peak_memory / 2**30:.2f}" for r in results]))
-    lines += [f"{label:>15} " + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
-    lines.append("scales: transformer, head and sampling of every scale; decode: the VAE decoder.\n"
+    lines += [f"{label:>16}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+    lines.append("scales: transformer, head and sampling of every scale (medians); decode: the image decoder;\n"
+                 "total: the whole call = text encoding + scales + decode + conversion to PIL.\n"
                  "FLOP ratio: ideal, transformer blocks and head (no decoder); time ratio: measured, whole call.")
     return "\n".join(lines)

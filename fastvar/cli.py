@@ -1,223 +1,210 @@
-"""The fastvar command: generate images, and bench FastVAR against the unpatched model."""
+"""The fastvar command: generate images, and bench FastVAR against the unpatched model, for every family
+in ``fastvar.pipelines.PIPELINES``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 import fastvar
 from fastvar.bench import benchmark, format_results
 from fastvar.hub import WeightsUnavailableError
-from fastvar.models.infinity import build as build_infinity
-from fastvar.models.var import OFFICIAL_DEPTHS, PATCH_NUMS_256, PATCH_NUMS_512, VAR, build
-from fastvar.pipeline import InfinityPipeline, schedule_for
+from fastvar.pipelines import PIPELINES
+from fastvar.pipelines.base import DTYPES, Pipeline
 
-SAMPLING = dict(cfg=4.0, top_k=900, top_p=0.95)  # the official VAR demo's settings
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+USER_ERRORS = (ValueError, WeightsUnavailableError, ImportError)  # what a wrong option or a missing file raises
 
 
-def to_grid(images: torch.Tensor) -> Image.Image:
-    """(N, 3, H, W) in [0, 1] as one PNG-ready image, ceil(sqrt(N)) per row."""
-    n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(3, rows * h, cols * w)
-    for i, img in enumerate(images.float().cpu()):
-        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = img
-    pixels = grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
+class UserError(Exception):
+    """A mistake in the command line, reported as one ``error:`` line."""
 
 
-def generate_var(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def to_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """The images in one picture, ceil(sqrt(n)) per row."""
+    w, h = images[0].size
+    cols = math.ceil(math.sqrt(len(images)))
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def check_output(path: str) -> Path:
+    """An image file PIL can write, in a folder that exists."""
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions() or out.suffix.lower() in (".pdf", ".eps"):
+        raise UserError(f"--out {path}: the file name must end in an image format such as .png or .jpg")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {path}: the folder {out.parent} does not exist")
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {path}: cannot write there")
+    return out
+
+
+def check_presets(names: Sequence[str], family: type[Pipeline]) -> None:
+    unknown = sorted(set(names) - set(family.adapter.presets))
+    if unknown:
+        raise UserError(f"unknown {family.family} preset(s) {unknown}; available: {sorted(family.adapter.presets)}")
+
+
+def chosen_preset(args: argparse.Namespace, family: type[Pipeline]) -> str | None:
+    if args.no_fastvar:
+        return None
+    check_presets([args.preset or family.adapter.default_preset], family)
+    return args.preset or family.adapter.default_preset
+
+
+@contextlib.contextmanager
+def cache_only() -> Iterator[None]:
+    """No downloads: ``bench`` times whatever weights are at hand (timing does not depend on them)."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        var = VAR.from_pretrained(args.depth, weights=args.weights, vae_weights=args.vae_weights, device=device)
+        yield
+    finally:
+        if before is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+def generate(args: argparse.Namespace) -> None:
+    family = PIPELINES[args.family]
+    out = check_output(args.out)
+    preset = chosen_preset(args, family)
+    inputs = family.call_arguments(args)
+    pipe = family.from_arguments(args, random=args.random_weights)
+    images = pipe(**inputs, seed=args.seed, preset=preset)
+    if fastvar.is_patched(pipe.transformer):
+        print(fastvar.summary(pipe.transformer), file=sys.stderr)
+    if len(images) == 1:
+        images[0].save(out)
+    else:
+        to_grid(images).save(out)
+        for i, image in enumerate(images):
+            image.save(out.with_name(f"{out.stem}-{i}{out.suffix}"))
+    print(f"saved {out}" + (f" (a grid) and {len(images)} single images beside it" if len(images) > 1 else ""),
+          file=sys.stderr)
+
+
+def bench_pipeline(args: argparse.Namespace, family: type[Pipeline]) -> Pipeline:
+    if args.random_weights:
+        return family.from_arguments(args, random=True)
+    try:
+        with cache_only():
+            return family.from_arguments(args, random=False)
     except WeightsUnavailableError as err:
-        raise SystemExit(f"error: {err}") from err
-    if not args.no_fastvar:
-        try:
-            fastvar.patch(var, args.preset)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from err
-        print(fastvar.summary(var), file=sys.stderr)
-    labels = torch.tensor(args.classes, device=device)
-    images = var.autoregressive_infer_cfg(
-        B=len(args.classes), label_B=labels, g_seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        more_smooth=args.more_smooth, progress=True,
-    )
-    to_grid(images).save(args.out)
-    print(f"saved {args.out}", file=sys.stderr)
+        if args.weights:
+            raise
+        print(f"official weights not at hand ({err}); timing random weights", file=sys.stderr)
+    return family.from_arguments(args, random=True)
 
 
-def var_for_bench(args: argparse.Namespace, device: torch.device) -> VAR:
-    patch_nums = PATCH_NUMS_512 if args.resolution == 512 else PATCH_NUMS_256
-    official = (args.depth == 36) == (args.resolution == 512) and args.depth in OFFICIAL_DEPTHS
-    if args.weights or (official and not args.random_weights):
-        try:
-            return VAR.from_pretrained(args.depth, weights=args.weights, vae_weights=args.vae_weights, device=device)
-        except WeightsUnavailableError as err:
-            if args.weights:
-                raise SystemExit(f"error: {err}") from err
-            print(f"official weights unavailable ({err}); timing random weights", file=sys.stderr)
-    torch.manual_seed(0)
-    return build(args.depth, patch_nums)[1].to(device).eval().requires_grad_(False)
-
-
-def bench_var(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    var = var_for_bench(args, device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    labels = (torch.arange(args.batch, device=device) * 97) % 1000
-
-    def run() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return var.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, **SAMPLING)
-
-    presets = args.presets or list(fastvar.presets(var))
-    results = benchmark(var, run, {name: name for name in presets}, var.vae_proxy[0].decoder, device,
-                        len(var.patch_nums), repeats=args.repeats, warmup=args.warmup)
+def bench(args: argparse.Namespace) -> None:
+    family = PIPELINES[args.family]
+    inputs = family.call_arguments(args)
+    items = inputs[family.batch_argument]
+    items = [items] if isinstance(items, int | str) else items
+    inputs[family.batch_argument] = [items[i % len(items)] for i in range(args.batch)]
+    presets = args.presets or list(family.adapter.presets)
+    check_presets(presets, family)
+    pipe = bench_pipeline(args, family)
+    device = pipe.device
+    repeats = args.repeats or (5 if device.type == "cuda" else 2)
+    results = benchmark(pipe, inputs, presets, repeats=repeats, warmup=args.warmup,
+                        report=lambda line: print(line, file=sys.stderr))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    title = (f"VAR d{args.depth} {16 * var.patch_nums[-1]}px batch {args.batch} {args.dtype} on {where}, "
-             f"torch {torch.__version__}; median of {args.repeats} alternated runs (ms)")
-    print(format_results(results, [(pn, pn) for pn in var.patch_nums], title))
+    dtype = next(k for k, v in DTYPES.items() if v == pipe.dtype)
+    title = (f"{pipe.describe()} batch {args.batch} {dtype} on {where}, torch {torch.__version__}; "
+             f"{repeats} alternated runs after {args.warmup} warm-up (ms)")
+    print(format_results(results, title))
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"size must look like 1024x1024 (width x height), got {text!r}") from err
-    return width, height
-
-
-def generate_infinity(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    try:
-        pipe = InfinityPipeline.from_pretrained(args.weights or f"infinity-{args.model}", device=device)
-        images = pipe(args.prompts, seed=args.seed, cfg=args.cfg, tau=args.tau, size=args.size,
-                      preset=None if args.no_fastvar else args.preset)
-    except (WeightsUnavailableError, ValueError, ImportError, OSError) as err:
-        raise SystemExit(f"error: {err}") from err
-    to_grid(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])).save(
-        args.out)
-    print(f"saved {args.out}", file=sys.stderr)
-
-
-def bench_infinity(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    try:
-        schedule = schedule_for(*args.size)
-        torch.manual_seed(0)
-        model, vae = build_infinity(f"infinity-{args.model}", args.depth)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
-    for p in model.parameters():  # random weights; small, so that activations stay finite at any depth
-        torch.nn.init.normal_(p, std=0.02)
-    model, vae = model.to(device).eval().requires_grad_(False), vae.to(device).eval().requires_grad_(False)
-    K, lens = len(schedule), [32] * args.batch  # a typical prompt length
-    text = (torch.randn(sum(lens), model.Ct5, device=device), lens,
-            torch.arange(0, 32 * (args.batch + 1), 32, dtype=torch.int32, device=device), 32)
-
-    def run():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, _, summed = model.autoregressive_infer_cfg(vae, schedule, text, B=args.batch, g_seed=0,
-                                                          cfg_list=[3.0] * K, tau_list=[0.5] * K, top_k=900,
-                                                          top_p=0.97, vae_type=vae.codebook_dim)
-            return vae.decode(summed)
-
-    presets = args.presets or list(fastvar.presets(model))
-    results = benchmark(model, run, {name: name for name in presets}, vae.decoder, device, K,
-                        repeats=args.repeats, warmup=args.warmup)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    title = (f"Infinity-{args.model.upper()} width {model.C}, {len(model.unregistered_blocks)} blocks, "
-             f"{args.size[0]}x{args.size[1]} batch {args.batch} {args.dtype} on {where}, torch {torch.__version__}; "
-             f"median of {args.repeats} alternated runs (ms)")
-    print(format_results(results, [(h, w) for _, h, w in schedule], title))
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="fastvar", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
-
-    gen = commands.add_parser("generate", help="generate images").add_subparsers(dest="family", required=True)
-    var = gen.add_parser("var", help="class-conditional ImageNet VAR")
-    var.add_argument("--depth", type=int, default=16, choices=OFFICIAL_DEPTHS)
-    var.add_argument("--class", dest="classes", type=int, nargs="+", default=[207], help="ImageNet class ids")
-    var.add_argument("--seed", type=int, default=0)
-    var.add_argument("--out", default="var.png")
-    var.add_argument("--weights", help="VAR checkpoint file or directory (default: the Hub)")
-    var.add_argument("--vae-weights", help="VQVAE checkpoint file or directory (default: the Hub)")
-    choice = var.add_mutually_exclusive_group()
-    choice.add_argument("--preset", default="default", help="FastVAR preset (default: %(default)s)")
-    choice.add_argument("--no-fastvar", action="store_true", help="run the unpatched model")
-    var.add_argument("--cfg", type=float, default=SAMPLING["cfg"])
-    var.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
-    var.add_argument("--top-p", type=float, default=SAMPLING["top_p"])
-    var.add_argument("--more-smooth", action="store_true")
-    var.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    var.set_defaults(func=generate_var)
-    inf = gen.add_parser("infinity", help="text-to-image Infinity")
-    inf.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeatable")
-    inf.add_argument("--model", default="2b", choices=["2b", "8b"])
-    inf.add_argument("--weights", help="a directory written by InfinityPipeline.save_pretrained")
-    inf.add_argument("--size", type=parse_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
-    inf.add_argument("--seed", type=int, default=0)
-    inf.add_argument("--cfg", type=float, default=3.0)
-    inf.add_argument("--tau", type=float, default=0.5)
-    inf.add_argument("--out", default="infinity.png")
-    choice = inf.add_mutually_exclusive_group()
-    choice.add_argument("--preset", default="paper", help="FastVAR preset (default: %(default)s)")
-    choice.add_argument("--no-fastvar", action="store_true", help="run the unpatched model")
-    inf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    inf.set_defaults(func=generate_infinity)
-
-    bench = commands.add_parser("bench", help="time FastVAR against the unpatched model")
-    bench_family = bench.add_subparsers(dest="family", required=True)
-    var = bench_family.add_parser("var", help="class-conditional ImageNet VAR")
-    var.add_argument("--depth", type=int, default=16)
-    var.add_argument("--resolution", type=int, default=None, choices=[256, 512],
-                     help="default: 512 for depth 36, else 256")
-    var.add_argument("--batch", type=int, default=1)
-    var.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    var.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast precision")
-    var.add_argument("--random-weights", action="store_true",
-                     help="do not look for official weights (timing does not depend on weight values)")
-    var.add_argument("--weights", help="VAR checkpoint file or directory")
-    var.add_argument("--vae-weights", help="VQVAE checkpoint file or directory")
-    var.add_argument("--preset", dest="presets", action="append", help="preset to time (repeatable; default: all)")
-    var.add_argument("--repeats", type=int, default=5)
-    var.add_argument("--warmup", type=int, default=1)
-    var.set_defaults(func=bench_var)
-    inf = bench_family.add_parser("infinity", help="text-to-image Infinity, random weights")
-    inf.add_argument("--model", default="2b", choices=["2b", "8b"])
-    inf.add_argument("--depth", type=int, help="keep the width, cut the blocks to this many")
-    inf.add_argument("--size", type=parse_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
-    inf.add_argument("--batch", type=int, default=1)
-    inf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    inf.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast precision")
-    inf.add_argument("--preset", dest="presets", action="append", help="preset to time (repeatable; default: all)")
-    inf.add_argument("--repeats", type=int, default=3)
-    inf.add_argument("--warmup", type=int, default=1)
-    inf.set_defaults(func=bench_infinity)
+def parser() -> Parser:
+    kwargs = dict(formatter_class=HelpFormatter)
+    root = Parser(prog="fastvar", description=__doc__, **kwargs)
+    root.add_argument("--version", action="version", version=f"fastvar {fastvar.__version__}")
+    commands = root.add_subparsers(dest="command", parser_class=Parser)
+    gen = commands.add_parser("generate", help="generate images", **kwargs).add_subparsers(
+        dest="family", required=True, parser_class=Parser)
+    ben = commands.add_parser("bench", help="time FastVAR against the unpatched model", **kwargs).add_subparsers(
+        dest="family", required=True, parser_class=Parser)
+    for name, family in PIPELINES.items():
+        doc = (family.__doc__ or "").split("\n")[0]
+        for command, sub in (("generate", gen), ("bench", ben)):
+            p = sub.add_parser(name, help=doc, description=doc, **kwargs)
+            family.add_model_arguments(p)
+            family.add_input_arguments(p)
+            p.add_argument("--random-weights", action="store_true",
+                           help="random weights at full width (a smoke test; timing does not depend on weights)")
+            p.add_argument("--dtype", default="fp32", choices=[k for k, v in DTYPES.items() if v in family.dtypes],
+                           help="precision, run as the official inference runs it")
+            p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+            if command == "generate":
+                p.add_argument("--seed", type=int, default=0, help="sampling seed")
+                p.add_argument("--out", default=f"{name}.png", help="image file; several images: a grid, and "
+                                                                  "OUT-0.png ... beside it")
+                choice = p.add_mutually_exclusive_group()
+                choice.add_argument("--preset", help=f"FastVAR preset (default: {family.adapter.default_preset})")
+                choice.add_argument("--no-fastvar", action="store_true", help="run the unpatched model")
+                p.set_defaults(func=generate)
+            else:
+                p.add_argument("--batch", type=positive_int, default=1, help="images per call")
+                p.add_argument("--preset", dest="presets", action="append",
+                               help="preset to time, repeatable (default: every preset of the family)")
+                p.add_argument("--repeats", type=positive_int, help="timed runs per variant (default: 5 on CUDA, 2 "
+                                                                    "on the CPU)")
+                p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
+                p.set_defaults(func=bench)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if getattr(args, "resolution", 0) is None:
-        args.resolution = 512 if args.depth == 36 else 256
-    args.func(args)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.command is None:
+        cli.print_help()
+        return
+    try:
+        args.func(args)
+    except (UserError, *USER_ERRORS) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

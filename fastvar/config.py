@@ -7,6 +7,7 @@ config serves every resolution and aspect ratio.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,10 +41,18 @@ class FastVARConfig:
                 check_ratio(ratio, f"prune[{position}]")
         elif not callable(self.prune):
             raise TypeError(f"prune must be a mapping {{scale position: ratio}} or a callable, got {self.prune!r}")
-        if not isinstance(self.skip_last, int) or self.skip_last < 0:
+        if not isinstance(self.skip_last, int) or isinstance(self.skip_last, bool) or self.skip_last < 0:
             raise ValueError(f"skip_last must be a non-negative int, got {self.skip_last!r}")
         if not (self.layers is None or callable(self.layers)):
-            object.__setattr__(self, "layers", tuple(self.layers))
+            layers = self.layers
+            if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+                raise ValueError(f"layers = {layers!r}: give block indices (e.g. range(3, 28) or [0, 2]), "
+                                 "fn(layer, depth) -> bool, or None for every block")
+            layers = tuple(layers)
+            wrong = [i for i in layers if not isinstance(i, int) or isinstance(i, bool)]
+            if wrong:
+                raise ValueError(f"layers: {wrong[0]!r} is not a block index (an int; negative counts from the last)")
+            object.__setattr__(self, "layers", layers)
 
     def replace(self, **overrides) -> FastVARConfig:
         """A copy with some fields changed; unknown names raise ``TypeError`` listing the fields."""
@@ -142,8 +151,11 @@ class Schedule:
 
 
 def check_ratio(ratio: float, what: str) -> float:
-    if not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+    if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{what} = {ratio!r}: a pruning ratio must be a number in [0, 1]")
+    if ratio == 1.0:
+        warnings.warn(f"{what} = 1.0 runs no token of that scale (the cache fills it all); skipping the final "
+                      "scales (skip_last) drops them at less cost", stacklevel=3)
     return float(ratio)
 
 

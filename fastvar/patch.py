@@ -19,11 +19,17 @@ from fastvar.state import FastVARState
 from fastvar.summary import Summary
 
 
+def _refuse_pickling(module: nn.Module, protocol: int) -> None:
+    raise TypeError(f"a fastvar-patched {type(module)._fastvar_parent.__name__} cannot be pickled (its class is made "
+                    "at run time): call fastvar.unpatch(model) first, or save model.state_dict()")
+
+
 @functools.cache
 def _patched_class(parent: type, make: Callable[[type], type]) -> type:
     cls = make(parent)
     cls._fastvar_parent = parent
     cls.__name__ = cls.__qualname__ = f"FastVAR{parent.__name__}"
+    cls.__reduce_ex__ = _refuse_pickling  # pickle / torch.save would fail to find the class by name
     return cls
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastvar.hub import load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE
@@ -45,7 +46,8 @@ class VarReference:
         vae = VQVAE(**self.config["vae"])
         var = VAR(vae, **self.config["var"])
         load_checkpoint(vae, self.vae_state)
-        load_checkpoint(var, self.var_state, derived=self.config["var_omitted_buffers"])
+        assert set(self.config["var_omitted_buffers"]) <= set(VAR.derived_buffers)
+        load_checkpoint(var, self.var_state)
         return var.eval().requires_grad_(False)
 
 
@@ -142,3 +144,80 @@ def tiny_text_encoder():
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=len(words), d_model=256, d_kv=32, d_ff=64, num_layers=1, num_heads=2)
     return transformers.T5EncoderModel(config).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- tiny stand-ins for official releases
+
+
+def tiny_var_pair(depth: int = 16, patch_nums=None) -> tuple[VQVAE, VAR]:
+    """What ``fastvar.models.var.build`` returns, for a tiny VAR: (vae, var)."""
+    var = tiny_var(depth=2, patch_nums=(1, 2, 3, 4, 6))
+    return var.vae_proxy[0], var
+
+
+def tiny_infinity_build(name: str = "infinity-2b", depth: int | None = None) -> tuple[Infinity, BSQVAE]:
+    return tiny_infinity(depth=depth or 4)
+
+
+@pytest.fixture
+def tiny_official(monkeypatch):
+    """Pipelines build tiny architectures where they would build the official ones."""
+    import fastvar.pipelines.infinity
+    import fastvar.pipelines.var
+
+    monkeypatch.setattr(fastvar.pipelines.var, "build", tiny_var_pair)
+    monkeypatch.setattr(fastvar.pipelines.infinity, "build", tiny_infinity_build)
+
+
+def random_state(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The module's state dict with every float tensor redrawn, so a load visibly changes the module."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.2 if v.is_floating_point() else v.clone()
+            for k, v in module.state_dict().items()}
+
+
+def write_official_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Tiny checkpoints under the official file names, as users download them: VAR-d16 and its VAE (.pth,
+    the trainer layout of the VAE), Infinity-2B and its VAE, and a flan-T5-shaped encoder folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vae, var = tiny_var_pair()
+    model, bsq = tiny_infinity_build()
+    states = {"var_d16": random_state(var, 1), "vae_ch160v4096z32": random_state(vae, 2),
+              "infinity_2b_reg": random_state(model, 3), "infinity_vae_d32reg": random_state(bsq, 4)}
+    torch.save(states["var_d16"], folder / "var_d16.pth")
+    torch.save({"trainer": {"vae_local": states["vae_ch160v4096z32"]}}, folder / "vae_ch160v4096z32.pth")
+    torch.save(states["infinity_2b_reg"], folder / "infinity_2b_reg.pth")
+    save_file({k: v.contiguous() for k, v in states["infinity_vae_d32reg"].items()},
+              folder / "infinity_vae_d32reg.safetensors")
+    encoder, tokenizer = tiny_text_encoder()
+    encoder.save_pretrained(folder / "flan-t5-xl")
+    tokenizer.save_pretrained(folder / "flan-t5-xl")
+    return states
+
+
+def write_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """Lay ``files`` (name in the repo -> local file) out as huggingface_hub's cache holds a downloaded repo."""
+    repo, commit = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """No connection to the Hub, whatever this machine has: connecting fails at once."""
+    import socket
+
+    import fastvar.hub
+
+    def refuse(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fastvar.hub._probe.cache_clear()
+    yield
+    fastvar.hub._probe.cache_clear()

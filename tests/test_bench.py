@@ -1,36 +1,36 @@
-"""The benchmark harness: alternated variants, per-scale times, skipped scales, ideal FLOP ratios."""
+"""The benchmark harness: alternated variants, per-scale times, skipped scales, min and median, FLOP ratios."""
 
 from __future__ import annotations
 
-import torch
 from conftest import tiny_var
 
 import fastvar
-from fastvar import FastVARConfig
+from fastvar import FastVARConfig, VARPipeline
 from fastvar.bench import benchmark, format_results
 
 PATCH_NUMS = (1, 2, 3, 4, 6)
 
 
 def test_benchmark_times_each_variant_and_leaves_the_model_unpatched():
-    var = tiny_var(patch_nums=PATCH_NUMS)
+    pipe = VARPipeline(tiny_var(patch_nums=PATCH_NUMS))
     patched_at_each_scale = []
-    var.blocks[0].register_forward_pre_hook(lambda *_: patched_at_each_scale.append(fastvar.is_patched(var)))
-
-    def run():
-        return var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([0]), g_seed=0)
-
-    variants = {"prune": FastVARConfig(prune={-1: 0.5}), "skip": FastVARConfig(skip_last=1)}
-    results = benchmark(var, run, variants, var.vae_proxy[0].decoder, torch.device("cpu"), len(PATCH_NUMS),
-                        repeats=2, warmup=1)
-    assert [r.name for r in results] == ["baseline", "prune", "skip"]
-    assert not fastvar.is_patched(var)
+    pipe.transformer.blocks[0].register_forward_pre_hook(
+        lambda *_: patched_at_each_scale.append(fastvar.is_patched(pipe.transformer)))
+    lines = []
+    variants = ["default", FastVARConfig(skip_last=1)]
+    results = benchmark(pipe, dict(class_ids=[0]), variants, repeats=2, warmup=1, report=lines.append)
+    assert [r.name for r in results] == ["baseline", "default", "config1"]
+    assert not fastvar.is_patched(pipe.transformer)
     for r in results:
-        assert len(r.per_scale) == len(PATCH_NUMS) and r.total > 0 and r.decode > 0 and r.peak_memory is None
-        assert sum(r.per_scale) + r.decode <= r.total
+        assert len(r.per_scale) == len(PATCH_NUMS) and len(r.totals) == 2 and r.decode > 0 and r.peak_memory is None
+        assert r.total_min <= r.total_median and sum(r.per_scale) + r.decode <= r.total_median  # means, for 2 repeats
+        assert r.shapes == tuple((p, p) for p in PATCH_NUMS)
     assert results[2].per_scale[-1] == 0.0 and all(results[2].per_scale[:-1])
     assert results[0].flop_ratio == 1.0 and 0 < results[1].flop_ratio < 1 and 0 < results[2].flop_ratio < 1
-    # warm-up and 2 repeats, each running baseline, prune, skip in turn
+    # warm-up and 2 repeats, each running baseline, default, skip in turn
     assert patched_at_each_scale == ([False] * 5 + [True] * 5 + [True] * 4) * 3
-    lines = format_results(results, [(p, p) for p in PATCH_NUMS], "title").splitlines()
-    assert lines[0] == "title" and next(line for line in lines if line.split()[0] == "4").split()[-1] == "skipped"
+    assert [line.split(":")[0] for line in lines] == ["warm-up"] * 3 + ["repeat 1/2"] * 3 + ["repeat 2/2"] * 3
+    table = format_results(results, "title").splitlines()
+    assert table[0] == "title" and next(line for line in table if line.split()[0] == "4").split()[-1] == "skipped"
+    speedups = next(line for line in table if line.strip().startswith("speedup (min)")).split()[2:]
+    assert speedups[0] == "1.00x" and float(speedups[2][:-1]) == round(results[0].total_min / results[2].total_min, 2)

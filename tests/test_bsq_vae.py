@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import InfinityReference
 
 from fastvar.hub import load_checkpoint
-from fastvar.models.bsq_vae import BSQVAE, DERIVED_BUFFERS, official_vae
+from fastvar.models.bsq_vae import BSQVAE, official_vae
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_loads_the_upstream_state_dict_strictly(reference):
     assert torch.equal(vae.quantize.lfq.mask, 2 ** torch.arange(d - 1, -1, -1))
 
     vae.load_state_dict(reference.vae_state, strict=True)  # plain torch agrees
-    without_masks = {k: v for k, v in reference.vae_state.items() if k not in DERIVED_BUFFERS}
-    load_checkpoint(vae, without_masks, derived=DERIVED_BUFFERS)
+    without_masks = {k: v for k, v in reference.vae_state.items() if k not in BSQVAE.derived_buffers}
+    load_checkpoint(vae, without_masks)  # the masks are rebuilt, not required
 
 
 def test_missing_key_is_named(reference):
@@ -133,5 +133,5 @@ def test_plain_conv_and_norm_key_spelling_is_adapted(reference):
     plain = {k.replace(".conv.", ".").replace(".norm.", "."): v for k, v in reference.vae_state.items()}
     assert plain.keys() != reference.vae_state.keys()
     fresh = BSQVAE(**vae.config)
-    load_checkpoint(fresh, fresh.adapt_state_dict(plain))
+    load_checkpoint(fresh, plain)  # load_checkpoint applies adapt_state_dict
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in reference.vae_state.items())

@@ -2,101 +2,172 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_infinity, tiny_text_encoder, tiny_var
-from huggingface_hub import errors as hub_errors
+from conftest import write_official_files
 from PIL import Image
 
 import fastvar
-from fastvar import cli
-from fastvar.models.var import VAR
-from fastvar.pipeline import InfinityPipeline
-
-PATCH_NUMS = (1, 2, 3, 4, 6)
+from fastvar import InfinityPipeline, VARPipeline, cli
 
 
-@pytest.fixture
-def tiny_pretrained(monkeypatch):
-    """VAR.from_pretrained returns a fresh tiny model and records its arguments."""
-    calls = []
+def run_error(capsys, argv) -> str:
+    """The CLI's output for a user mistake: exactly one 'error:' line on stderr and exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("error: ") == 1 and "Traceback" not in err, err
+    line = err.splitlines()[-1].split("\r")[-1]  # after any progress bar that was drawn and cleared
+    assert line.startswith("error: "), err
+    return line
 
-    def from_pretrained(depth, weights=None, vae_weights=None, device="cpu"):
-        calls.append((depth, weights, vae_weights))
-        return tiny_var(patch_nums=PATCH_NUMS)
 
-    monkeypatch.setattr(VAR, "from_pretrained", staticmethod(from_pretrained))
-    return calls
+def test_bare_command_prints_help_and_version(capsys):
+    cli.main([])
+    assert "usage: fastvar" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"fastvar {fastvar.__version__}\n"
 
 
-def expected_images(patched: bool, classes):
-    var = tiny_var(patch_nums=PATCH_NUMS)
-    if patched:
-        fastvar.patch(var)
-    return var.autoregressive_infer_cfg(B=len(classes), label_B=torch.tensor(classes), g_seed=3, **cli.SAMPLING)
+def test_every_option_shows_its_default(capsys):
+    for argv in (["generate", "var"], ["bench", "infinity"]):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for option in ("--cfg", "--dtype", "--device", "--top-k"):
+            assert f"{option}" in text
+        assert text.count("(default:") >= 8
 
 
 @pytest.mark.parametrize("no_fastvar", [False, True])
-def test_generate_writes_a_grid_of_the_models_images(tmp_path, tiny_pretrained, no_fastvar):
+def test_generate_var_writes_a_grid_and_each_image(tmp_path, tiny_official, capsys, no_fastvar):
     out = tmp_path / "grid.png"
-    argv = ["generate", "var", "--depth", "20", "--class", "1", "2", "3", "--seed", "3", "--out", str(out)]
+    argv = ["generate", "var", "--random-weights", "--class", "1", "2", "3", "--seed", "3", "--out", str(out)]
     cli.main(argv + (["--no-fastvar"] if no_fastvar else []))
-    assert tiny_pretrained == [(20, None, None)]
-    pixels = np.asarray(Image.open(out))
-    assert pixels.shape == (2 * 96, 2 * 96, 3)
-    expected = np.asarray(cli.to_grid(expected_images(not no_fastvar, [1, 2, 3])))
-    assert np.array_equal(pixels, expected)
-    assert not pixels[96:, 96:].any()  # the fourth cell of the 2x2 grid is empty
+    expected = VARPipeline.random(16)([1, 2, 3], seed=3, preset=None if no_fastvar else "default", progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(cli.to_grid(expected)))
+    for i, image in enumerate(expected):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"grid-{i}.png")), np.asarray(image))
+    assert np.asarray(Image.open(out))[96:, 96:].max() == 0  # the fourth cell of the 2x2 grid is empty
+    assert ("ideal FLOP ratio" in capsys.readouterr().err) != no_fastvar
 
 
-def test_generate_explains_when_weights_cannot_be_fetched(tmp_path, monkeypatch):
-    def offline(repo_id, filename, **kwargs):
-        raise hub_errors.LocalEntryNotFoundError("no connection")
-
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
-    with pytest.raises(SystemExit, match=r"could not fetch vae_ch160v4096z32.safetensors .* pass its path"):
-        cli.main(["generate", "var", "--out", str(tmp_path / "x.png")])
+def test_generate_var_num_samples_repeats_each_class(tmp_path, tiny_official):
+    cli.main(["generate", "var", "--random-weights", "--class", "4", "--num-samples", "2", "--out",
+              str(tmp_path / "x.png")])
+    expected = VARPipeline.random(16)([4, 4], seed=0, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x-1.png")), np.asarray(expected[1]))
 
 
-def test_bench_prints_every_scale_and_variant(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "build", lambda depth, patch_nums: (None, tiny_var(patch_nums=PATCH_NUMS)))
-    cli.main(["bench", "var", "--depth", "3", "--random-weights", "--repeats", "1", "--warmup", "0"])
-    out = capsys.readouterr().out
-    assert "VAR d3 96px batch 1 fp32 on cpu" in out
+def test_generate_infinity_writes_the_pipelines_images(tmp_path, tiny_official):
+    out = tmp_path / "cat.jpg"
+    cli.main(["generate", "infinity", "--random-weights", "--prompt", "a red cat", "--size", "256x256", "--seed", "2",
+              "--top-k", "2", "--out", str(out)])
+    expected = InfinityPipeline.random()("a red cat", seed=2, size=(256, 256), top_k=2, progress=False)[0]
+    assert Image.open(out).size == expected.size  # JPEG is lossy: the size is what can be compared
+    png = tmp_path / "cat.png"
+    cli.main(["generate", "infinity", "--random-weights", "--prompt", "a red cat", "--prompt", "the dog",
+              "--aspect-ratio", "0.5", "--pixels", "0.06M", "--negative-prompt", "the moon", "--out", str(png)])
+    expected = InfinityPipeline.random()(["a red cat", "the dog"], aspect_ratio=0.5, pixels="0.06M",
+                                          negative_prompt="the moon", progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cat-1.png")), np.asarray(expected[1]))
+
+
+def test_generate_loads_official_files_given_by_flags(tmp_path, tiny_official, hub_offline):
+    write_official_files(tmp_path)
+    out = tmp_path / "dog.png"
+    cli.main(["generate", "var", "--weights", str(tmp_path), "--class", "7", "--out", str(out)])
+    expected = VARPipeline.from_pretrained(tmp_path, progress=False)(7, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    cli.main(["generate", "infinity", "--weights", str(tmp_path), "--text-encoder", str(tmp_path / "flan-t5-xl"),
+              "--size", "256x256", "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "var", "--out", "{tmp}/x.txt"], r"the file name must end in an image format"),
+    (["generate", "var", "--out", "{tmp}/missing/x.png"], r"the folder .*missing does not exist"),
+    (["generate", "var", "--preset", "paper", "--out", "{tmp}/x.png"], r"unknown var preset\(s\) \['paper'\]"),
+    (["generate", "var", "--depth", "7", "--out", "{tmp}/x.png"], r"no official VAR of depth 7"),
+    (["generate", "infinity", "--depth", "2", "--out", "{tmp}/x.png"], r"--depth cuts the official model and needs "
+                                                                       r"--random-weights"),
+    (["generate", "var", "--dtype", "fp64"], r"argument --dtype: invalid choice: 'fp64'"),
+    (["generate", "var", "--class", "dog"], r"argument --class: invalid int value: 'dog'"),
+    (["bench", "var", "--repeats", "0"], r"argument --repeats: must be >= 1, got 0"),
+    (["bench", "var", "--batch", "0"], r"argument --batch: must be >= 1, got 0"),
+    (["bench", "var", "--preset", "fast"], r"unknown var preset\(s\) \['fast'\]; available: \['default', 'none'\]"),
+    (["generate", "llama"], r"argument family: invalid choice: 'llama'"),
+])
+def test_mistakes_are_one_error_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(VARPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(VARPipeline, "random", lambda *a, **k: pytest.fail("built a model"))
+    err = run_error(capsys, [a.format(tmp=tmp_path) for a in argv])
+    assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--class", "5000"], r"class id 5000 is out of range: this VAR has classes 0\.\.999"),
+    (["--top-p", "2"], r"top_p = 2\.0: must be a number in \[0, 1\]"),
+    (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
+])
+def test_bad_generation_values_are_one_error_line(tmp_path, tiny_official, capsys, argv, expected):
+    err = run_error(capsys, ["generate", "var", "--random-weights", *argv, "--out", str(tmp_path / "x.png")])
+    assert re.search(expected, err), err
+
+
+def test_missing_corrupt_and_mismatched_weights_are_one_error_line(tmp_path, tiny_official, hub_offline, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    out = ["--out", str(tmp_path / "x.png")]
+    err = run_error(capsys, ["generate", "var", *out])
+    assert "var_d16 (var_d16.safetensors or var_d16.pth) is not in the Hugging Face cache" in err
+    assert "pass weights=PATH (CLI: --weights PATH)" in err
+    (tmp_path / "var_d16.pth").write_bytes(b"garbage")
+    err = run_error(capsys, ["generate", "var", "--weights", str(tmp_path / "var_d16.pth"), *out])
+    assert "vae_ch160v4096z32" in err and "--vae-weights" in err  # the VAE is what is missing now
+    write_official_files(tmp_path / "official")
+    capsys.readouterr()
+    err = run_error(capsys, ["generate", "var", "--weights", str(tmp_path / "var_d16.pth"), "--vae-weights",
+                             str(tmp_path / "official"), *out])
+    assert "var_d16.pth is not a readable torch checkpoint" in err
+    err = run_error(capsys, ["generate", "var", "--weights", str(tmp_path / "official" / "infinity_2b_reg.pth"),
+                             "--vae-weights", str(tmp_path / "official"), *out])
+    assert "checkpoint does not fit VAR: missing keys:" in err
+
+
+def test_bench_prints_a_line_per_run_and_the_spread(tiny_official, capsys):
+    cli.main(["bench", "var", "--random-weights", "--repeats", "2", "--warmup", "0"])
+    captured = capsys.readouterr()
+    assert captured.err.count("repeat ") == 2 * 3 and "repeat 2/2: default" in captured.err
+    out = captured.out
+    assert "VAR d2 96px batch 1 fp32 on cpu" in out and "2 alternated runs after 0 warm-up" in out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
     assert header.split()[-3:] == ["baseline", "default", "none"]
-    assert sum(line.split()[0].isdigit() for line in out.splitlines()[2:]) == len(PATCH_NUMS)
-    flop_row = next(line for line in out.splitlines() if "FLOP ratio" in line and "ideal" not in line)
-    assert flop_row.split()[2] == "1.000" and float(flop_row.split()[3]) < 1
+    assert sum(line.split()[0].isdigit() for line in out.splitlines()[2:]) == 5
+    for label in ("total min ms", "total median ms", "speedup (min)", "speedup (median)"):
+        assert any(line.strip().startswith(label) for line in out.splitlines()), label
+    flops = next(line for line in out.splitlines() if line.strip().startswith("FLOP ratio")).split()
+    assert flops[2] == "1.000" and float(flops[3]) < 1
+    assert "text encoding + scales + decode" in out
 
 
-def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
+def test_bench_falls_back_to_random_weights_when_none_are_at_hand(tiny_official, hub_offline, capsys, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    cli.main(["bench", "infinity", "--size", "256x256", "--repeats", "1", "--warmup", "0", "--preset", "paper",
+              "--batch", "2"])
+    captured = capsys.readouterr()
+    assert "official weights not at hand" in captured.err and "timing random weights" in captured.err
+    assert "batch 2" in captured.out
+    header = next(line for line in captured.out.splitlines() if line.lstrip().startswith("scale"))
+    assert header.split()[-2:] == ["baseline", "paper"]
+
+
+def test_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
-        cli.main(["bench", "var", "--device", "cuda", "--random-weights"])
-
-
-def test_generate_infinity_writes_the_pipelines_images(tmp_path, monkeypatch):
-    def from_pretrained(name, device="cpu"):
-        assert name == "infinity-2b"
-        model, vae = tiny_infinity(depth=4)
-        return InfinityPipeline(model, vae, *tiny_text_encoder())
-
-    monkeypatch.setattr(InfinityPipeline, "from_pretrained", staticmethod(from_pretrained))
-    out = tmp_path / "cat.png"
-    cli.main(["generate", "infinity", "--prompt", "a red cat", "--size", "256x256", "--seed", "2", "--out", str(out)])
-    expected = from_pretrained("infinity-2b")("a red cat", seed=2, size=(256, 256), progress=False)[0]
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
-    with pytest.raises(SystemExit, match="unsupported size 300x300"):
-        cli.main(["generate", "infinity", "--prompt", "a cat", "--size", "300x300", "--out", str(out)])
-
-
-def test_bench_infinity_times_every_preset(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "build_infinity", lambda name, depth: tiny_infinity(depth=4))
-    cli.main(["bench", "infinity", "--size", "256x256", "--repeats", "1", "--warmup", "0"])
-    out = capsys.readouterr().out
-    header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
-    assert header.split()[4:] == ["baseline", "paper", "prune-only", "skip-only", "none"]
-    assert "256x256 batch 1 fp32 on cpu" in out
-    assert sum(line.split()[0].isdigit() for line in out.splitlines()[2:]) == 7
+    err = run_error(capsys, ["bench", "var", "--device", "cuda", "--random-weights"])
+    assert "torch sees no CUDA device" in err

@@ -19,9 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Buffers a checkpoint may leave out: the codebook's bit mask is a constant of ``codebook_dim``.
-DERIVED_BUFFERS = ("quantize.lfq.mask", "quantizer.lfq.mask")
-
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -229,6 +226,8 @@ class BSQVAE(nn.Module):
     * Infinity-8B, ``infinity_vae_d56_f8_14_patchify.pth``: ``codebook_dim=14, patch_size=8,
       ch_mult=(1, 2, 4, 4), spatial_patchify=True`` (56 = 4 * 14 bits per transformer token).
     """
+
+    derived_buffers = ("quantize.lfq.mask", "quantizer.lfq.mask")  # a constant of codebook_dim
 
     def __init__(
         self, codebook_dim: int = 32, patch_size: int = 16, base_ch: int = 128,

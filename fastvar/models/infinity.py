@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastvar.models.bsq_vae import BSQVAE, official_vae
-from fastvar.models.sampling import generator_on, sample_with_top_k_top_p_
+from fastvar.models.sampling import check_sampling, generator_on, sample_with_top_k_top_p_
 
 # ----------------------------------------------------------------------------- scale schedules
 
@@ -117,6 +117,14 @@ class FastRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps).to(x.dtype)
+
+
+class FloatLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever its weights are stored in, as CUDA autocast runs it for the
+    bfloat16 blocks of the official inference (CPU autocast would refuse the mixed dtypes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -232,7 +240,7 @@ class CrossAttnBlock(nn.Module):
         self.sa = SelfAttention(embed_dim, num_heads)
         self.ca = CrossAttention(embed_dim, embed_dim, num_heads)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio / 256) * 256)
-        self.ca_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.ca_norm = FloatLayerNorm(embed_dim, eps=norm_eps)
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: tuple, rope: torch.Tensor) -> torch.Tensor:
@@ -399,6 +407,9 @@ class Infinity(nn.Module):
         if len(cfg_list) < K or len(tau_list) < K:
             raise ValueError(f"cfg_list and tau_list need one entry per scale ({K}), got {len(cfg_list)}, "
                              f"{len(tau_list)}")
+        check_sampling(B, top_k, top_p, list(cfg_list[:K]), list(tau_list[:K]))
+        if len(label_B_or_BLT[1]) != B:
+            raise ValueError(f"label_B_or_BLT packs {len(label_B_or_BLT[1])} prompts for B = {B} images")
         num_scales = min(K, trunk_scale)
         device = self.pos_start.device
         rng = None if g_seed is None else generator_on(self, device).manual_seed(g_seed)
@@ -479,11 +490,9 @@ def check_official_options(options: dict) -> None:
 # ----------------------------------------------------------------------------- official configurations
 
 OFFICIAL = {
-    # name: transformer arguments, VAE (codebook_dim, spatial_patchify), checkpoint files on the Hub
-    "infinity-2b": (dict(depth=32, embed_dim=2048, num_heads=16, block_chunks=8), (32, False),
-                    "infinity_2b_reg", "infinity_vae_d32reg"),
-    "infinity-8b": (dict(depth=40, embed_dim=3584, num_heads=28, block_chunks=8, apply_spatial_patchify=1),
-                    (14, True), "infinity_8b_weights/", "infinity_vae_d56_f8_14_patchify"),  # a sharded folder
+    # name: transformer arguments, VAE (codebook_dim, spatial_patchify)
+    "infinity-2b": (dict(depth=32, embed_dim=2048, num_heads=16, block_chunks=8), (32, False)),
+    "infinity-8b": (dict(depth=40, embed_dim=3584, num_heads=28, block_chunks=8, apply_spatial_patchify=1), (14, True)),
 }
 
 
@@ -492,7 +501,7 @@ def build(name: str = "infinity-2b", depth: int | None = None) -> tuple[Infinity
     blocks (for timing the full schedule on small machines)."""
     if name not in OFFICIAL:
         raise ValueError(f"unknown Infinity model {name!r}; available: {list(OFFICIAL)}")
-    kwargs, (codebook_dim, patchify), _, _ = OFFICIAL[name]
+    kwargs, (codebook_dim, patchify) = OFFICIAL[name]
     kwargs = dict(kwargs)
     if depth is not None:
         if not 1 <= depth <= kwargs["depth"]:

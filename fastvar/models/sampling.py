@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -31,3 +34,27 @@ def generator_on(model: nn.Module, device: torch.device) -> torch.Generator:
     if model.rng.device != device:
         model.rng = torch.Generator(device=device)
     return model.rng
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(B: int, top_k: int, top_p: float, cfg: float | Sequence[float] = (),
+                   tau: float | Sequence[float] = ()) -> None:
+    """Refuse, before any compute, sampling arguments outside their meaning.
+
+    ``top_k = 0`` and ``top_p = 0`` mean no filtering (every entry of the vocabulary can be drawn).
+    """
+    if not isinstance(B, int) or isinstance(B, bool) or B < 1:
+        raise ValueError(f"B = {B!r}: the batch size must be an int >= 1")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k = {top_k!r}: must be an int >= 0 (0 keeps every entry)")
+    if not _is_number(top_p) or not 0 <= top_p <= 1:
+        raise ValueError(f"top_p = {top_p!r}: must be a number in [0, 1] (0 keeps every entry)")
+    for value in cfg if isinstance(cfg, list | tuple) else [cfg]:
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"cfg = {value!r}: the guidance scale must be a number >= 0")
+    for value in tau if isinstance(tau, list | tuple) else [tau]:
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"tau = {value!r}: the temperature must be a number > 0")

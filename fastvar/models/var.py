@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastvar.attention import attention
-from fastvar.hub import fetch_state_dict, load_checkpoint
-from fastvar.models.sampling import generator_on, sample_with_top_k_top_p_
+from fastvar.models.sampling import check_sampling, generator_on, sample_with_top_k_top_p_
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -362,6 +360,8 @@ class VAR(nn.Module):
     the official checkpoints; ``.to()`` moves it along.
     """
 
+    derived_buffers = ("attn_bias_for_masking",)  # a constant of the schedule; some checkpoints leave it out
+
     def __init__(
         self, vae_local: VQVAE, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024, num_heads: int = 16,
         mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
@@ -435,24 +435,8 @@ class VAR(nn.Module):
             x = block(x=x, cond_BD=cond, attn_bias=self.attn_bias_for_masking)
         return self.get_logits(x.float(), cond_BD)
 
-    @classmethod
-    def from_pretrained(
-        cls, depth: int = 16, weights: str | Path | None = None, vae_weights: str | Path | None = None,
-        device: str | torch.device = "cpu",
-    ) -> VAR:
-        """Load an official checkpoint: ``var_d{depth}`` and ``vae_ch160v4096z32`` from the Hub repo
-        ``FoundationVision/var``, or from local files / directories given as ``weights`` / ``vae_weights``."""
-        vae_state = fetch_state_dict(HUB_REPO, "vae_ch160v4096z32", vae_weights, wrapper_keys=("trainer", "vae_local"))
-        var_state = fetch_state_dict(HUB_REPO, f"var_d{depth}", weights, wrapper_keys=("trainer", "var_wo_ddp"))
-        vae, var = build(depth)
-        load_checkpoint(vae, vae_state)
-        load_checkpoint(var, var_state, derived=DERIVED_BUFFERS)
-        return var.to(device).eval().requires_grad_(False)
 
-
-HUB_REPO = "FoundationVision/var"
 OFFICIAL_DEPTHS = (16, 20, 24, 30, 36)
-DERIVED_BUFFERS = ("attn_bias_for_masking",)  # a constant of the schedule; some checkpoints leave it out
 
 
 def build(depth: int = 16, patch_nums: Sequence[int] | None = None, vae_ch: int = 160) -> tuple[VQVAE, VAR]:
@@ -478,6 +462,22 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, rng: torch.Generator | None
     return ((logits + gumbels) / tau).softmax(dim=-1)
 
 
+def check_labels(label_B: torch.Tensor | int | None, B: int, num_classes: int) -> None:
+    """Class ids must name a class: ``0..num_classes-1``, one per image (an int, or None to draw them).
+    Upstream's ``label_B = -1`` (an int) still asks for unconditional images."""
+    if label_B is None or (isinstance(label_B, int) and not isinstance(label_B, bool) and label_B < 0):
+        return
+    ids = torch.as_tensor(label_B)
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.ndim > 1:
+        raise ValueError(f"label_B must be an int or a 1-D tensor of int class ids, got {label_B!r}")
+    if ids.ndim == 1 and ids.numel() != B:
+        raise ValueError(f"label_B has {ids.numel()} class ids for B = {B} images")
+    outside = ids[(ids < 0) | (ids >= num_classes)]
+    if outside.numel():
+        raise ValueError(f"class id {outside[0].item()} is out of range: this VAR has classes 0..{num_classes - 1} "
+                         "(label_B=-1 samples unconditional images)")
+
+
 @torch.no_grad()
 def generate(
     var: nn.Module, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None, cfg: float = 1.5,
@@ -489,6 +489,8 @@ def generate(
     ``num_scales`` < K runs only the first scales and decodes what they accumulated (scale skipping).
     One generator seeded with ``g_seed`` feeds, per scale, the token draw then the Gumbel draw.
     """
+    check_sampling(B, top_k, top_p, cfg)
+    check_labels(label_B, B, var.num_classes)
     K = len(var.patch_nums)
     num_scales = K if num_scales is None else num_scales
     device = var.lvl_1L.device
@@ -498,6 +500,8 @@ def generate(
         label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
     elif isinstance(label_B, int):
         label_B = torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device)
+    else:
+        label_B = label_B.to(device)
     quant, vae = var.vae_quant_proxy[0], var.vae_proxy[0]
 
     sos = cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
@@ -509,10 +513,8 @@ def generate(
 
     for block in var.blocks:
         block.attn.kv_caching(True)
-    scales = range(num_scales)
-    if progress:
-        scales = tqdm(scales, desc="scales", leave=False)
-    for si in scales:
+    bar = tqdm(total=num_scales + 1, desc="scales", disable=not progress, leave=False)  # the scales, then decoding
+    for si in range(num_scales):
         pn, ratio = var.patch_nums[si], si / (K - 1)
         begin += pn * pn
         cond = var.shared_ada_lin(cond_BD)
@@ -533,6 +535,11 @@ def generate(
             nxt = var.patch_nums[si + 1]
             x = var.word_embed(next_map.view(B, var.Cvae, -1).transpose(1, 2)) + lvl_pos[:, begin : begin + nxt * nxt]
             x = x.repeat(2, 1, 1)  # both CFG halves get the same input
+        bar.update()
     for block in var.blocks:
         block.attn.kv_caching(False)
-    return vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    bar.set_description("decoding")
+    image = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    bar.update()
+    bar.close()
+    return image

@@ -1,0 +1,164 @@
+"""What every family's pipeline shares: precision and device, a FastVAR preset per call, images out,
+and the text encoders that come through transformers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+import fastvar
+from fastvar.adapters.base import Adapter
+from fastvar.config import FastVARConfig
+from fastvar.hub import WeightsUnavailableError, hub_unreachable_reason
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Preset = FastVARConfig | str | None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when torch sees a GPU, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device = {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return device
+
+
+class Pipeline:
+    """One family's generator. Subclasses set the class attributes, ``transformer`` (the model fastvar
+    patches), ``vae`` (whose ``decoder`` makes the image) and ``dtype``, and implement ``from_pretrained``,
+    ``random``, ``__call__`` and the command-line hooks below."""
+
+    family: ClassVar[str]
+    adapter: ClassVar[type[Adapter]]  # how fastvar patches the transformer: its presets
+    batch_argument: ClassVar[str]  # the __call__ argument listing one input per image
+    dtypes: ClassVar[tuple[torch.dtype, ...]]  # the precisions the family runs in, float32 first
+
+    transformer: nn.Module
+    vae: nn.Module
+    dtype: torch.dtype
+
+    @classmethod
+    def check_dtype(cls, dtype: torch.dtype | str | None) -> torch.dtype:
+        """A supported precision: a torch dtype or 'fp32' / 'bf16' / 'fp16'; None is float32."""
+        if dtype is None:
+            return torch.float32
+        resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if resolved not in cls.dtypes:
+            names = [k for k, v in DTYPES.items() if v in cls.dtypes]
+            raise ValueError(f"dtype {dtype!r} is not supported for {cls.family}; supported: {names}")
+        return resolved
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The pipeline's torch modules by name (moved together by ``to``)."""
+        return {"transformer": self.transformer, "vae": self.vae}
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        device = resolve_device(device)
+        for module in self.modules().values():
+            module.to(device)
+        return self
+
+    def apply_preset(self, preset: Preset) -> None:
+        """Patch the transformer with ``preset`` (a preset name or config), or run it unpatched (None)."""
+        if preset is None:
+            if fastvar.is_patched(self.transformer):
+                fastvar.unpatch(self.transformer)
+        else:
+            fastvar.patch(self.transformer, preset)
+
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        """Autocast to the pipeline's half precision, as the official inference runs it."""
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            yield
+
+    # ----------------------------------------------------------------------- command line
+
+    @classmethod
+    def add_model_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Options choosing the model and its files, for ``generate`` and ``bench``."""
+        raise NotImplementedError
+
+    @classmethod
+    def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Options of ``generate`` that become ``__call__`` arguments."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, random: bool) -> Pipeline:
+        """The pipeline the model options name: official weights, or random ones."""
+        raise NotImplementedError
+
+    @classmethod
+    def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """``__call__`` keyword arguments from the options of ``add_input_arguments``."""
+        raise NotImplementedError
+
+
+    def describe(self) -> str:
+        """One line naming the model, for benchmark titles."""
+        raise NotImplementedError
+
+
+def check_prompts(prompt: object, name: str = "prompt", count: int | None = None) -> list[str]:
+    """A prompt or a list of prompts as a list of non-empty strings (``count`` of them, if given)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"{name} must be a non-empty string or a non-empty list of them, got {prompt!r}")
+    if count is not None and len(prompts) != count:
+        if len(prompts) != 1:
+            raise ValueError(f"{name} has {len(prompts)} entries for {count} prompts; give one or {count}")
+        prompts = list(prompts) * count
+    return list(prompts)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) RGB in [0, 1] -> B PIL images."""
+    pixels = images.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+
+def transformers_module(family: str, extra: str) -> Any:
+    try:
+        import transformers
+    except ImportError as err:  # an optional dependency
+        raise ImportError(f"the {family} text encoder needs transformers: "
+                          f"pip install 'fastvar-torch[{extra}]'") from err
+    return transformers
+
+
+def load_pretrained(loader: Any, name_or_path: str | Path, parameter: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` (a transformers class) from a local folder, the Hugging Face cache, or the
+    Hub when it can be reached; when it cannot, one ``WeightsUnavailableError`` line at once."""
+    if Path(name_or_path).is_dir():
+        return loader.from_pretrained(name_or_path, **kwargs)
+    try:
+        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise WeightsUnavailableError(
+            f"{name_or_path} is not in the Hugging Face cache, and {reason}; download it "
+            f"(https://huggingface.co/{name_or_path}) and pass {parameter}=PATH (CLI: --{parameter.replace('_', '-')} "
+            "PATH)")
+    return loader.from_pretrained(name_or_path, **kwargs)
