@@ -291,8 +291,8 @@ class HART(nn.Module):
                      use_cross_attn=use_cross_attn, sampler=sampler)
         unsupported = {k: v for k, v in given.items() if v != SUPPORTED[k]}
         if unsupported:
-            raise ValueError(f"unsupported HART option(s) {unsupported}; fastvar implements the released architecture "
-                             f"only: {SUPPORTED} (fastvar.models.hart.build() makes one)")
+            raise ValueError(f"unsupported HART option(s) {unsupported}; supported: {SUPPORTED}, the released "
+                             "architecture (fastvar.models.hart.build() makes one)")
         head_dim = embed_dim // num_heads
         if embed_dim % num_heads or head_dim % 4:
             raise ValueError(f"embed_dim={embed_dim} must split into num_heads={num_heads} heads of a multiple of 4 "
