@@ -125,11 +125,10 @@ def image_rope(pn: int, final_pn: int, offsets: torch.Tensor, head_dim: int) -> 
     device = offsets.device
     axis = torch.arange(pn, device=device)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(1, pn * pn, 2)
-    coords = grid / pn * final_pn + offsets[:, None, None]  # (B, L, 2): float32
-    freqs = coords.transpose(1, 2)[..., None] * inverse_frequencies(head_dim, 4).to(device)  # (B, 2, L, D/4)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    B, L = coords.shape[:2]
-    return torch.stack((emb.cos(), emb.sin())).transpose(2, 3).reshape(2, B, L, head_dim)
+    coords = grid / pn * final_pn + offsets[:, None, None]  # (B, L, 2): float32 row, column
+    freqs = coords[..., None] * inverse_frequencies(head_dim, 4).to(device)  # (B, L, 2, D/4)
+    emb = torch.cat((freqs, freqs), dim=-1).flatten(2)  # (B, L, D): row angles twice, then column angles twice
+    return torch.stack((emb.cos(), emb.sin()))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -425,8 +424,8 @@ class HART(nn.Module):
             block.attn.kv_caching(False)
         return tokenizer.fhat_to_img(f_hat).add_(1).mul_(0.5)
 
-    def check_call(self, B: int, label_B, context_position_ids, context_mask, final_stage: int,
-                   num_maskgit_iters: int) -> None:
+    def check_call(self, B: int, label_B: torch.Tensor | None, context_position_ids: torch.Tensor | None,
+                   context_mask: torch.Tensor | None, final_stage: int, num_maskgit_iters: int) -> None:
         if num_maskgit_iters != 1:
             raise ValueError(f"num_maskgit_iters={num_maskgit_iters} is not supported: only the one-pass last scale "
                              "of the official sampling (num_maskgit_iters=1) is implemented")
@@ -448,18 +447,20 @@ class HART(nn.Module):
 # ----------------------------------------------------------------------------- official configuration
 
 # HART-0.7B at 1024 px, as the fields of its llm/config.json. From the source code: the llama
-# blocks without AdaLN, the scale schedule, the 300 text tokens (``max_token_length`` of sample.py),
-# the diffusion head's width and depth (HARTForT2IConfig defaults; 37M parameters, as the paper
-# says) and 8 sampling steps. From the model's size: 24 blocks of width 1536 with 64-channel heads
-# (VAR's depth-width rule; 0.73B parameters). ``context_dim`` 1536 is the hidden size of the text
-# encoder (Qwen2-1.5B-Instruct). Assumed, not in the source: ``attn_l2_norm`` and
-# ``use_context_norm`` (the released config.json decides; load it for real weights).
+# blocks without AdaLN, the 14-scale schedule, the 300 text tokens (``max_token_length`` of
+# sample.py), the diffusion head's width and depth (HARTForT2IConfig defaults: 36.6M parameters,
+# the paper's 37M) and 8 sampling steps. From the model's size: 24 blocks of width 1536 with
+# 64-channel heads (VAR's depth-width rule; 730M parameters in all). ``context_dim`` 1536 is the
+# hidden size of the text encoder (Qwen2-1.5B-Instruct). Assumed, in neither the source nor its
+# docs: ``attn_l2_norm`` and ``use_context_norm`` (they add or remove keys; a real checkpoint
+# comes with its config.json, which decides).
 OFFICIAL = dict(
     context_token=300, context_dim=1536, depth=24, embed_dim=1536, num_heads=24, mlp_ratio=4.0, norm_eps=1e-6,
     attn_l2_norm=True, patch_nums=list(PATCH_NUMS_1024), diff_width=1024, diff_depth=6, num_sampling_steps="8",
     use_context_norm=True, **SUPPORTED,
 )
-# Its tokenizer: VAR's tokenizer size (HART fine-tunes it into the hybrid one), 16x downsampling.
+# Its tokenizer: HARTAutoEncoderConfig's defaults (VAR's tokenizer: 4096 codes of 32 channels, 16x
+# downsampling, so 64x64 latents at 1024 px) with the hybrid quantizer and the 1024 px schedule.
 OFFICIAL_TOKENIZER = dict(
     vocab_size=4096, z_channels=32, ch=160, ch_mult=[1, 1, 2, 2, 4], quant_conv_ks=3, quant_resi=0.5,
     share_quant_resi=4, v_patch_nums=list(PATCH_NUMS_1024), quantizer_type="var_hybrid",
