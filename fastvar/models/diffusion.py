@@ -189,7 +189,7 @@ class DiffusionHead(nn.Module):
         self.sampler = IDDPMSampler(num_sampling_steps)
 
     def sample(self, z: torch.Tensor, cfg: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Residuals (N, C) for the condition rows ``z`` (N, width), already scaled by ``VAE_SCALE``.
+        """Residuals (N, C) for the condition rows ``z`` (N, z_channels), already scaled by ``VAE_SCALE``.
 
         With guidance (``cfg`` != 1) the rows are [conditional; unconditional] and both halves start
         from the same noise; ``cfg`` == 1 runs every row unguided on its own noise (upstream's branch).
