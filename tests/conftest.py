@@ -146,6 +146,42 @@ def tiny_text_encoder():
     return transformers.T5EncoderModel(config).eval(), tokenizer
 
 
+# ----------------------------------------------------------------------------- HART reference
+
+
+class HartReference:
+    """The ``hart/tiny`` set: constructor fields, weights, text inputs, cases and outputs."""
+
+    def __init__(self):
+        set_dir = reference_root() / "hart" / "tiny"
+        config = json.loads((set_dir / "config.json").read_text())
+        self.transformer_kwargs = config["transformer"]["kwargs"]
+        self.tokenizer_kwargs = config["vae"]["kwargs"]
+        self.cases = json.loads((set_dir / "cases.json").read_text())
+        self.hart_state = load_file(set_dir / "hart.safetensors")
+        self.vae_state = load_file(set_dir / "vae.safetensors")
+        self.text = load_file(set_dir / "text.safetensors")
+        self.outputs = load_file(set_dir / "outputs.safetensors")
+
+    def build(self):
+        """fastvar's HART and its tokenizer from the set's constructor fields, with its weights."""
+        from fastvar.models.hart import HART, HARTTokenizer
+
+        tokenizer = HARTTokenizer(**self.tokenizer_kwargs)
+        load_checkpoint(tokenizer, self.vae_state)  # adapt_state_dict maps the official keys
+        model = HART(tokenizer, **self.transformer_kwargs)
+        load_checkpoint(model, self.hart_state)
+        return model.eval().requires_grad_(False), tokenizer.eval().requires_grad_(False)
+
+    def call(self, case: dict) -> dict:
+        """The keyword arguments of the case's ``autoregressive_infer_cfg`` call, its text included."""
+        name, call = case["name"], case["call"]
+        kwargs = {k: call[k] for k in ("B", "g_seed", "cfg", "top_k", "top_p", "more_smooth", "final_stage",
+                                       "num_maskgit_iters")}
+        kwargs.update({k: self.text[f"{name}.{k}"] for k in ("label_B", "context_position_ids", "context_mask")})
+        return kwargs
+
+
 # ----------------------------------------------------------------------------- tiny stand-ins for official releases
 
 

@@ -235,11 +235,12 @@ class VQVAE(nn.Module):
         self, vocab_size: int = 4096, z_channels: int = 32, ch: int = 128, dropout: float = 0.0, beta: float = 0.25,
         using_znorm: bool = False, quant_conv_ks: int = 3, quant_resi: float = 0.5, share_quant_resi: int = 4,
         default_qresi_counts: int = 0, v_patch_nums: Sequence[int] = PATCH_NUMS_256, test_mode: bool = True,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
     ):
         super().__init__()
         self.V = self.vocab_size = vocab_size
         self.Cvae = z_channels
-        arch = dict(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=z_channels)
+        arch = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=2, z_channels=z_channels)
         self.encoder = Encoder(**arch)
         self.decoder = Decoder(**arch)
         self.quantize = VectorQuantizer2(vocab_size, z_channels, v_patch_nums, quant_resi, share_quant_resi)
