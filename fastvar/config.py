@@ -62,8 +62,10 @@ class FastVARConfig:
             raise TypeError(f"unknown FastVARConfig field(s) {unknown}; accepted: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
-    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int) -> Schedule:
-        """The per-scale plan for a model with these scale shapes (h, w) and ``depth`` blocks.
+    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int, text_scales: int = 0) -> Schedule:
+        """The per-scale plan for a model with these scale shapes (h, w) and ``depth`` blocks. The first
+        ``text_scales`` scales hold text tokens (HART's scale 0), not token maps: they are never pruned
+        nor cached.
 
         Raises ``ValueError`` for scales or layers the model does not have and contradictory settings.
         """
@@ -78,11 +80,20 @@ class FastVARConfig:
             if si >= executed:
                 raise ValueError(f"scale {si} of {K} is both pruned and skipped (skip_last={self.skip_last}); "
                                  "prune earlier scales or skip fewer")
+        if pruned and pruned[0] < text_scales:
+            raise ValueError(f"scale {pruned[0]} holds the text tokens, not a token map: it cannot be pruned; "
+                             f"prune scales {text_scales}..{K - 1}")
+        if pruned and len(set(tokens)) < K:
+            raise ValueError(f"two scales of {list(shapes)} have the same token count; fastvar recognises a "
+                             "block's scale by it, so this schedule cannot be pruned")
         keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
         layers = frozenset(self._layers(depth)) if pruned else frozenset()
         cache_scale = self._cache_scale(K, pruned)
+        if cache_scale is not None and cache_scale < text_scales:
+            raise ValueError(f"the cache scale (index {cache_scale}) would be the text stage, whose tokens are not a "
+                             f"token map to resize; cache a token map (cache_scale index {text_scales} or later)")
         return Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
-                        layers=layers, depth=depth)
+                        layers=layers, depth=depth, text_scales=text_scales)
 
     def _ratios(self, K: int) -> list[float]:
         if callable(self.prune):
@@ -128,6 +139,7 @@ class Schedule:
     cache_scale: int | None
     layers: frozenset[int]  # the blocks that prune
     depth: int
+    text_scales: int = 0  # leading scales of text tokens rather than token maps
 
     @property
     def tokens(self) -> tuple[int, ...]:

@@ -91,15 +91,17 @@ def hub_file(repo_id: str, filename: str) -> Path | None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint of an official release, and the keyword that points fastvar at a local copy.
+    """One file of an official release, and the keyword that points fastvar at a local copy.
 
-    ``name`` is a file stem (``var_d16``: ``var_d16.safetensors`` or ``var_d16.pth``) or, ending in ``/``,
-    a folder of shards with a transformers-style index (``infinity_8b_weights/``).
+    ``name`` is a file stem (``var_d16``: ``var_d16.safetensors`` or ``var_d16.pth``), a file name
+    (``llm/config.json``), or, ending in ``/``, a folder of shards with a transformers-style index
+    (``infinity_8b_weights/``); ``alternatives`` are other names the release may use for it.
     """
 
     repo_id: str
     name: str
     parameter: str  # the from_pretrained keyword; the CLI flag is the same with dashes
+    alternatives: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -113,21 +115,24 @@ class Checkpoint:
     def files(self) -> list[str]:
         """The file names fastvar looks for, in order of preference."""
         if self.sharded:
-            return [self.name + index for index in SHARD_INDEXES]
-        return [self.name + suffix for suffix in SUFFIXES]
+            names = [self.name + index for index in SHARD_INDEXES]
+        elif Path(self.name).suffix in (".json", ".safetensors", *TORCH_SUFFIXES):
+            names = [self.name]
+        else:
+            names = [self.name + suffix for suffix in SUFFIXES]
+        return names + list(self.alternatives)
 
     def find(self, given: str | Path | None = None, search: Iterable[str | Path | None] = ()) -> Path:
-        """The checkpoint file (for shards: the index): ``given`` (a file, or a folder holding it) when the user
-        gave one; else the first ``search`` folder holding it; else the Hugging Face cache or the Hub."""
+        """The file (for shards: the index): ``given`` (the file, or a folder holding it, also as the folder of
+        the release it sits in) when the user gave one; else the first ``search`` folder holding it; else the
+        Hugging Face cache or the Hub."""
         if given is not None:
             given = Path(given)
             if given.is_file():
                 return given
             if not given.is_dir():
                 raise WeightsUnavailableError(f"{self.parameter}={given}: no such file or folder")
-            found = self.in_folder(given)
-            if found is None and self.sharded:  # the shard folder itself
-                found = next((given / i for i in SHARD_INDEXES if (given / i).is_file()), None)
+            found = self.in_folder(given, explicit=True)
             if found is None:
                 raise WeightsUnavailableError(f"{given} ({self.parameter}) holds none of {self.files}")
             return found
@@ -148,9 +153,11 @@ class Checkpoint:
             raise WeightsUnavailableError(f"the Hub repo {self.repo_id} has none of {self.files}")
         return found
 
-    def in_folder(self, folder: Path) -> Path | None:
-        """The checkpoint file inside ``folder``, if it is there."""
-        return next((folder / name for name in self.files if (folder / name).is_file()), None)
+    def in_folder(self, folder: Path, explicit: bool = False) -> Path | None:
+        """The file inside ``folder`` laid out as the release, if it is there. A folder the user points at
+        may also be the release's subfolder itself (the shard folder, HART's ``llm/``)."""
+        names = self.files + ([Path(n).name for n in self.files] if explicit else [])
+        return next((folder / name for name in names if (folder / name).is_file()), None)
 
     def _from_hub(self) -> Path | None:
         found = next((p for name in self.files if (p := cached_file(self.repo_id, name)) is not None), None)

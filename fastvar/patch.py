@@ -62,7 +62,7 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     adapter = find_adapter(model)
     preset, config = _config_of(adapter, config, overrides)
     blocks = adapter.blocks(model)
-    schedule = config.resolve(adapter.scale_shapes(model), len(blocks))
+    schedule = config.resolve(adapter.scale_shapes(model), len(blocks), adapter.text_scales)
     _remove(model)
     state = FastVARState(adapter.family, preset, config, schedule)
     model._fastvar = state

@@ -24,7 +24,7 @@ class FastVARState:
     def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
         """Resolve the config for the scale schedule of the coming call (another size or aspect ratio)."""
         if tuple(shapes) != self.schedule.shapes:
-            self.schedule = self.config.resolve(shapes, depth)
+            self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales)
             self._scale_of_length = self.schedule.scale_of_length()
 
     def scale_of(self, num_tokens: int) -> int | None:

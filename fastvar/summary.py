@@ -9,21 +9,26 @@ from fastvar.config import Schedule
 
 @dataclass(frozen=True)
 class CostModel:
-    """Multiply-add count of one transformer block and of the logits head, per token.
+    """FLOPs of one transformer block and of the logits head, per CFG row.
 
     context: keys of a cross-attention (text tokens), 0 when the blocks have none.
+    mlp_matrices: weight matrices of the FFN, 2 (fc1, fc2) or 3 (SwiGLU's gate, up, down).
+    last_scale_per_token: FLOPs per token of the last scale that no schedule prunes (HART's diffusion
+        head, run on every token); spent only when the last scale runs.
     """
 
     width: int
     mlp_hidden: int
     head_out: int
     context: int = 0
+    mlp_matrices: int = 2
+    last_scale_per_token: float = 0.0
 
     def block(self, queries: int, keys: int) -> float:
         C = self.width
         self_attn = 2 * queries * 4 * C * C + 4 * queries * keys * C  # q,k,v,out projections; QK^T and AV
         cross = 2 * queries * 2 * C * C + 4 * queries * self.context * C if self.context else 0
-        return self_attn + cross + 4 * queries * C * self.mlp_hidden
+        return self_attn + cross + 2 * self.mlp_matrices * queries * C * self.mlp_hidden
 
     def head(self, tokens: int) -> float:
         return 2 * tokens * self.width * self.head_out
@@ -39,6 +44,8 @@ class CostModel:
                     keys[layer] += run  # only tokens that ran leave K/V in the cache
                     total += self.block(run, keys[layer])
                 total += self.head(tokens)
+                if si == len(schedule.tokens) - 1:
+                    total += self.last_scale_per_token * tokens
             flops.append(total)
         return flops
 
@@ -54,11 +61,13 @@ class ScaleRow:
     cached: bool
     flops: float
     baseline_flops: float
+    text: bool = False  # the scale holds text tokens, not a token map
 
 
 @dataclass(frozen=True)
 class Summary:
-    """``str()`` gives a table; ``flop_ratio`` is patched / unpatched FLOPs (blocks and head, no decoder)."""
+    """``str()`` gives a table; ``flop_ratio`` is patched / unpatched FLOPs of the transformer blocks and its
+    heads (the logits head, HART's diffusion head), without the image decoder."""
 
     family: str
     preset: str | None
@@ -75,7 +84,7 @@ class Summary:
         rows = tuple(
             ScaleRow(si, schedule.shapes[si], n, schedule.keep[si] if schedule.layers else None,
                      len(schedule.layers) if schedule.keep[si] is not None else 0, si >= schedule.executed,
-                     si == schedule.cache_scale, patched[si], baseline[si])
+                     si == schedule.cache_scale, patched[si], baseline[si], si < schedule.text_scales)
             for si, n in enumerate(schedule.tokens)
         )
         return cls(family, preset, schedule.depth, rows)
@@ -94,6 +103,7 @@ class Summary:
                     run += f", {r.tokens} in the other {self.depth - r.pruning_blocks}"
             else:
                 run = f"{r.tokens} (all)" + (", cached" if r.cached else "")
-            lines.append(f"{r.index:>5} {r.shape[0]:>4}x{r.shape[1]:<4} {r.tokens:>7}  {run:<46} "
+            shape = f"{'text':>9}" if r.text else f"{r.shape[0]:>4}x{r.shape[1]:<4}"
+            lines.append(f"{r.index:>5} {shape} {r.tokens:>7}  {run:<46} "
                          f"{r.flops / max(r.baseline_flops, 1):>6.2f}")
         return "\n".join(lines)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from fastvar.hub import load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE
+from fastvar.models.hart import HART, HARTTokenizer
 from fastvar.models.infinity import Infinity
 from fastvar.models.var import VAR, VQVAE
 
@@ -162,11 +163,10 @@ class HartReference:
         self.vae_state = load_file(set_dir / "vae.safetensors")
         self.text = load_file(set_dir / "text.safetensors")
         self.outputs = load_file(set_dir / "outputs.safetensors")
+        self.fastvar_outputs = load_file(set_dir / "fastvar_outputs.safetensors")
 
     def build(self):
         """fastvar's HART and its tokenizer from the set's constructor fields, with its weights."""
-        from fastvar.models.hart import HART, HARTTokenizer
-
         tokenizer = HARTTokenizer(**self.tokenizer_kwargs)
         load_checkpoint(tokenizer, self.vae_state)  # adapt_state_dict maps the official keys
         model = HART(tokenizer, **self.transformer_kwargs)
@@ -180,6 +180,40 @@ class HartReference:
                                        "num_maskgit_iters")}
         kwargs.update({k: self.text[f"{name}.{k}"] for k in ("label_B", "context_position_ids", "context_mask")})
         return kwargs
+
+
+# ----------------------------------------------------------------------------- tiny HART
+
+HART_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # enough scales for the sampler's top-k switch after scale 6
+HART_TEXT_TOKENS, HART_TEXT_DIM = 6, 16
+LLAMA = dict(attn_type="llama", mlp_type="llama", disable_aln=True)
+
+
+def tiny_hart_tokenizer(seed: int = 0) -> HARTTokenizer:
+    torch.manual_seed(seed)
+    return HARTTokenizer(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=HART_PATCH_NUMS,
+                         quantizer_type="var_hybrid", test_mode=True)
+
+
+def tiny_hart(seed: int = 0, **fields) -> HART:
+    """Width 64, two heads, two blocks, 9 scales up to 9x9, a 32-wide diffusion head; random weights."""
+    tokenizer = tiny_hart_tokenizer(seed)
+    kwargs = dict(context_token=HART_TEXT_TOKENS, context_dim=HART_TEXT_DIM, depth=2, embed_dim=64, num_heads=2,
+                  patch_nums=HART_PATCH_NUMS, diff_width=32, diff_depth=1, num_sampling_steps="4",
+                  use_context_norm=True, **LLAMA)
+    kwargs.update(fields)
+    model = HART(tokenizer, **kwargs)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval().requires_grad_(False)
+
+
+def hart_text(lens: list[int], seed: int = 0) -> dict:
+    """Text features with the first ``lens[b]`` tokens of row b real, the rest padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(HART_TEXT_TOKENS)[None, :] < torch.tensor(lens)[:, None]
+    return dict(B=len(lens), label_B=torch.randn(len(lens), HART_TEXT_TOKENS, HART_TEXT_DIM, generator=g),
+                context_mask=mask, context_position_ids=mask.cumsum(dim=1) - 1)
 
 
 # ----------------------------------------------------------------------------- tiny stand-ins for official releases

@@ -8,6 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import HART_PATCH_NUMS as PATCH_NUMS
+from conftest import HART_TEXT_DIM as TEXT_DIM
+from conftest import HART_TEXT_TOKENS as TEXT_TOKENS
+from conftest import LLAMA, hart_text, tiny_hart
+from conftest import tiny_hart_tokenizer as tiny_tokenizer
 
 import fastvar.models.diffusion as diffusion_module
 import fastvar.models.hart as hart_module
@@ -15,36 +20,7 @@ from fastvar.hub import load_checkpoint
 from fastvar.models.diffusion import DiffusionHead, respaced_timesteps
 from fastvar.models.hart import HART, HARTTokenizer, RMSNorm, apply_rope, build, image_rope
 
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # enough scales for the sampler's top-k switch after scale 6
-TEXT_TOKENS, TEXT_DIM = 6, 16
-LLAMA = dict(attn_type="llama", mlp_type="llama", disable_aln=True)
-
-
-def tiny_tokenizer(seed: int = 0) -> HARTTokenizer:
-    torch.manual_seed(seed)
-    return HARTTokenizer(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=PATCH_NUMS,
-                         quantizer_type="var_hybrid", test_mode=True)
-
-
-def tiny_hart(seed: int = 0, **fields) -> HART:
-    """Width 64, two heads, two blocks, 9 scales up to 9x9, a 32-wide diffusion head; random weights."""
-    tokenizer = tiny_tokenizer(seed)
-    kwargs = dict(context_token=TEXT_TOKENS, context_dim=TEXT_DIM, depth=2, embed_dim=64, num_heads=2,
-                  patch_nums=PATCH_NUMS, diff_width=32, diff_depth=1, num_sampling_steps="4", use_context_norm=True,
-                  **LLAMA)
-    kwargs.update(fields)
-    model = HART(tokenizer, **kwargs)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval().requires_grad_(False)
-
-
-def text(lens: list[int], seed: int = 0) -> dict:
-    """Text features with the first ``lens[b]`` tokens of row b real, the rest padding."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(TEXT_TOKENS)[None, :] < torch.tensor(lens)[:, None]
-    return dict(B=len(lens), label_B=torch.randn(len(lens), TEXT_TOKENS, TEXT_DIM, generator=g),
-                context_mask=mask, context_position_ids=mask.cumsum(dim=1) - 1)
+text = hart_text
 
 
 def argmax_sampler(logits, top_k, top_p, rng):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from fastvar.adapters.base import Adapter
+from fastvar.adapters.hart import HartAdapter
 from fastvar.adapters.infinity import InfinityAdapter
 from fastvar.adapters.var import VarAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter, InfinityAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter, InfinityAdapter, HartAdapter)
 
 
 def find_adapter(model: nn.Module) -> type[Adapter]:

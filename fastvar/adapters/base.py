@@ -22,6 +22,7 @@ class Adapter:
     description: str  # how a supported model is recognised, for error messages
     presets: dict[str, FastVARConfig]
     default_preset = "default"
+    text_scales = 0  # leading scales of text tokens rather than token maps (HART's scale 0)
 
     @staticmethod
     def matches(model: nn.Module) -> bool:

@@ -375,54 +375,8 @@ class HART(nn.Module):
         (its CPU generator for the initial noise, that of the model's device for each step), so
         ``torch.manual_seed`` before the call fixes it. ``progress`` shows a bar over scales.
         """
-        self.check_call(B, label_B, context_position_ids, context_mask, final_stage, num_maskgit_iters)
-        K, final_pn = len(self.patch_nums), self.patch_nums[-1]
-        device = self.lvl_1L.device
-        rng = None if g_seed is None else generator_on(self, device).manual_seed(g_seed)
-        quant, tokenizer = self.vae_quant_proxy[0], self.vae_proxy[0]
-
-        sos = cond_BTD = self.context_embed(self.context_norm(torch.cat((label_B, torch.zeros_like(label_B)))))
-        positions = torch.cat((context_position_ids, torch.zeros_like(context_position_ids)))
-        offsets = positions[:, -1]  # image positions start at the last text position id of their row
-        lvl_pos = self.lvl_embed(self.lvl_1L)
-        x = sos + lvl_pos[:, : self.context_token]
-        begin = self.context_token
-        f_hat = sos.new_zeros(B, self.Cvae, final_pn, final_pn)
-
-        for block in self.blocks:
-            block.attn.kv_caching(True)
-        scales = tqdm(range(K), desc="scales", leave=False) if progress else range(K)
-        for si in scales:
-            pn = self.patch_nums[si]
-            if si < K - 1:  # the last scale keeps the previous scale's ratio
-                ratio = si / (K - 1)
-            rope = context_rope(positions, self.head_dim) if si == 0 else image_rope(pn, final_pn, offsets,
-                                                                                      self.head_dim)
-            for block in self.blocks:
-                x = block(x, rope)
-            logits = self.get_logits(x, cond_BTD)
-            t = cfg * ratio
-            logits = (1 + t) * logits[:B] - t * logits[B:]
-            if si == 0:  # the first map is predicted from the last text row
-                logits = logits[:, [-1], :]
-            idx = sample_with_top_k_top_p_(logits, top_k=600 if si < 7 else 300, top_p=top_p, rng=rng)
-            if more_smooth:
-                tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h = gumbel_softmax(logits.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
-            else:
-                h = quant.embedding(idx)
-            if si == K - 1 and final_stage == 0:
-                h = h + self.diffusion_residual(x, idx, t, generator)
-            h = h.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
-            f_hat, next_map = quant.get_next_autoregressive_input(si, K, f_hat, h, patch_nums=self.patch_nums)
-            if si < K - 1:
-                n = self.patch_nums[si + 1] ** 2
-                x = self.word_embed(next_map.view(B, self.Cvae, -1).transpose(1, 2)) + lvl_pos[:, begin : begin + n]
-                x = x.repeat(2, 1, 1)  # both CFG halves get the same input
-                begin += n
-        for block in self.blocks:
-            block.attn.kv_caching(False)
-        return tokenizer.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        return generate(self, B, label_B, g_seed, cfg, top_k, top_p, more_smooth, context_position_ids, context_mask,
+                        final_stage, num_maskgit_iters, generator=generator, progress=progress)
 
     def check_call(self, B: int, label_B: torch.Tensor | None, context_position_ids: torch.Tensor | None,
                    context_mask: torch.Tensor | None, final_stage: int, num_maskgit_iters: int) -> None:
@@ -442,6 +396,74 @@ class HART(nn.Module):
                 raise ValueError(f"{name} is required (B, context_token) = {(B, self.context_token)}, as upstream")
             if tuple(value.shape) != (B, self.context_token):
                 raise ValueError(f"{name} must have shape {(B, self.context_token)}, got {tuple(value.shape)}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(
+    hart: nn.Module, B: int, label_B: torch.Tensor, g_seed: int | None = None, cfg: float = 1.5, top_k: int = 0,
+    top_p: float = 0.0, more_smooth: bool = False, context_position_ids: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None, final_stage: int = 0, num_maskgit_iters: int = 1, *,
+    generator: torch.Generator | None = None, progress: bool = False, num_scales: int | None = None,
+) -> torch.Tensor:
+    """The HART sampling loop (``HART.autoregressive_infer_cfg``). ``num_scales`` < K runs only the
+    first scales and decodes what they accumulated (scale skipping: no diffusion residual then)."""
+    hart.check_call(B, label_B, context_position_ids, context_mask, final_stage, num_maskgit_iters)
+    K, final_pn = len(hart.patch_nums), hart.patch_nums[-1]
+    num_scales = K if num_scales is None else num_scales
+    device = hart.lvl_1L.device
+    rng = None if g_seed is None else generator_on(hart, device).manual_seed(g_seed)
+    quant, tokenizer = hart.vae_quant_proxy[0], hart.vae_proxy[0]
+
+    sos = cond_BTD = hart.context_embed(hart.context_norm(torch.cat((label_B, torch.zeros_like(label_B)))))
+    positions = torch.cat((context_position_ids, torch.zeros_like(context_position_ids)))
+    offsets = positions[:, -1]  # image positions start at the last text position id of their row
+    lvl_pos = hart.lvl_embed(hart.lvl_1L)
+    x = sos + lvl_pos[:, : hart.context_token]
+    begin = hart.context_token
+    f_hat = sos.new_zeros(B, hart.Cvae, final_pn, final_pn)
+
+    for block in hart.blocks:
+        block.attn.kv_caching(True)
+    bar = tqdm(total=num_scales + 1, desc="scales", disable=not progress, leave=False)  # the scales, then decoding
+    for si in range(num_scales):
+        pn = hart.patch_nums[si]
+        if si < K - 1:  # the last scale keeps the previous scale's ratio
+            ratio = si / (K - 1)
+        rope = context_rope(positions, hart.head_dim) if si == 0 else image_rope(pn, final_pn, offsets,
+                                                                                  hart.head_dim)
+        for block in hart.blocks:
+            x = block(x, rope)
+        logits = hart.get_logits(x, cond_BTD)
+        t = cfg * ratio
+        logits = (1 + t) * logits[:B] - t * logits[B:]
+        if si == 0:  # the first map is predicted from the last text row
+            logits = logits[:, [-1], :]
+        idx = sample_with_top_k_top_p_(logits, top_k=600 if si < 7 else 300, top_p=top_p, rng=rng)
+        if more_smooth:
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            h = gumbel_softmax(logits.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
+        else:
+            h = quant.embedding(idx)
+        if si == K - 1 and final_stage == 0:
+            h = h + hart.diffusion_residual(x, idx, t, generator)
+        h = h.transpose_(1, 2).reshape(B, hart.Cvae, pn, pn)
+        f_hat, next_map = quant.get_next_autoregressive_input(si, K, f_hat, h, patch_nums=hart.patch_nums)
+        if si < num_scales - 1:
+            n = hart.patch_nums[si + 1] ** 2
+            x = hart.word_embed(next_map.view(B, hart.Cvae, -1).transpose(1, 2)) + lvl_pos[:, begin : begin + n]
+            x = x.repeat(2, 1, 1)  # both CFG halves get the same input
+            begin += n
+        bar.update()
+    for block in hart.blocks:
+        block.attn.kv_caching(False)
+    bar.set_description("decoding")
+    image = tokenizer.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    bar.update()
+    bar.close()
+    return image
 
 
 # ----------------------------------------------------------------------------- official configuration
