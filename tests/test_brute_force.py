@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_text, tiny_infinity, tiny_var
+from conftest import hart_text, random_text, tiny_hart, tiny_infinity, tiny_var
 
 import fastvar
 from fastvar import FastVARConfig
+from fastvar.models.hart import Block
 from fastvar.models.infinity import CrossAttnBlock, ada_layer_norm, scale_schedule
 from fastvar.models.var import AdaLNSelfAttn
 from fastvar.pruning import gather_tokens, restore, select_pivotal
@@ -142,3 +143,38 @@ def test_infinity_matches_the_oracle_branch_by_branch(monkeypatch):
     _, oracle_bits, oracle_codes = generate()
     assert all(torch.equal(a, b) for a, b in zip(bits, oracle_bits)) and torch.equal(codes, oracle_codes)
     assert_same_calls(patched_calls, oracle_calls, resolved, ("sa", "ca", "ffn"))
+
+
+# ----------------------------------------------------------------------------- HART
+
+
+def hart_oracle_forward(oracle):
+    def forward(self, x, rope):
+        def rows(idx):  # each batch row's rotary rows at its kept positions: (2, B, k, D)
+            return rope if idx is None else torch.stack([rope.expand(-1, len(idx), -1, -1)[:, b, i]
+                                                         for b, i in enumerate(idx)], dim=1)
+
+        x = x + oracle.branch(self, "attn", x, lambda t, idx: self.attn(self.ln_wo_grad(t), rows(idx)))
+        return x + oracle.branch(self, "ffn", x, lambda t, idx: self.ffn(self.ln_wo_grad(t)))
+    return forward
+
+
+def test_hart_matches_the_oracle_branch_by_branch(monkeypatch):
+    model = tiny_hart()
+
+    def generate():
+        torch.manual_seed(0)  # the diffusion noise
+        return model.autoregressive_infer_cfg(**hart_text([2, 5], seed=1), g_seed=3, cfg=2.5, more_smooth=True)
+
+    fastvar.patch(model, FastVARConfig(prune={-3: 0.3, -2: 0.5, -1: 0.75}, layers=[1]))
+    schedule = model._fastvar.schedule
+    patched_calls = record_branch_inputs(model.blocks, ("attn", "ffn"))
+    image = generate()
+    fastvar.unpatch(model)
+    for block in model.blocks:
+        block.attn._forward_pre_hooks.clear()
+        block.ffn._forward_pre_hooks.clear()
+    monkeypatch.setattr(Block, "forward", hart_oracle_forward(Oracle(schedule, model.blocks)))
+    oracle_calls = record_branch_inputs(model.blocks, ("attn", "ffn"))
+    assert torch.equal(generate(), image)
+    assert_same_calls(patched_calls, oracle_calls, schedule, ("attn", "ffn"))
