@@ -2,9 +2,9 @@
 
 from fastvar.config import FastVARConfig, Schedule
 from fastvar.patch import is_patched, patch, presets, summary, unpatch
-from fastvar.pipelines import InfinityPipeline, VARPipeline
+from fastvar.pipelines import HARTPipeline, InfinityPipeline, VARPipeline
 from fastvar.summary import Summary
 
-__all__ = ["FastVARConfig", "InfinityPipeline", "Schedule", "Summary", "VARPipeline", "is_patched", "patch", "presets",
-           "summary", "unpatch"]
+__all__ = ["FastVARConfig", "HARTPipeline", "InfinityPipeline", "Schedule", "Summary", "VARPipeline", "is_patched",
+           "patch", "presets", "summary", "unpatch"]
 __version__ = "0.1.0"

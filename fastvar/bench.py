@@ -31,7 +31,7 @@ class VariantResult:
     decode: float  # seconds, median
     peak_memory: int | None  # bytes, CUDA only
     flop_ratio: float  # ideal, against the unpatched model
-    shapes: tuple[tuple[int, int], ...]  # (h, w) of every scale of the schedule run
+    scales: tuple[str, ...]  # every scale of the schedule run: 'h x w', or 'text'
 
     @property
     def total_min(self) -> float:
@@ -80,7 +80,7 @@ def benchmark(
     named = {"baseline": None, **{v if isinstance(v, str) else f"config{i}": v for i, v in enumerate(variants)}}
     samples: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in named}
     peaks: dict[str, int | None] = dict.fromkeys(named)
-    ratios, shapes = {"baseline": 1.0}, {}
+    ratios, scales = {"baseline": 1.0}, {}
     device = pipe.device
     clock = _StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
     rounds = warmup + repeats
@@ -92,7 +92,8 @@ def benchmark(
                 sample = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant, progress=False))
                 if variant is not None:  # after the run: the schedule is the one the call used
                     summary = fastvar.summary(pipe.transformer)
-                    ratios[name], shapes[name] = summary.flop_ratio, tuple(r.shape for r in summary.rows)
+                    ratios[name] = summary.flop_ratio
+                    scales[name] = tuple("text" if r.text else f"{r.shape[0]}x{r.shape[1]}" for r in summary.rows)
                 if device.type == "cuda":
                     peaks[name] = torch.cuda.max_memory_allocated(device)
                 if i >= warmup:
@@ -105,7 +106,7 @@ def benchmark(
         if fastvar.is_patched(pipe.transformer):
             fastvar.unpatch(pipe.transformer)
     num_scales = len(samples["baseline"][0][1])
-    schedule = next(iter(shapes.values()), ())
+    schedule = next(iter(scales.values()), ())
     return [
         VariantResult(
             name,
@@ -115,7 +116,7 @@ def benchmark(
             statistics.median(s[2] for s in samples[name]),
             peaks[name],
             ratios[name],
-            shapes.get(name, schedule),
+            scales.get(name, schedule),
         )
         for name in named
     ]
@@ -129,10 +130,10 @@ def format_results(results: list[VariantResult], title: str) -> str:
     head = f"{'scale':>5} {'h x w':>9} " + "".join(f"{r.name:>{width}}" for r in results)
     lines = [title, head]
     for si in range(len(base.per_scale)):
-        h, w = base.shapes[si] if si < len(base.shapes) else ("", "")
+        scale = base.scales[si] if si < len(base.scales) else ""
         cells = "".join(f"{r.per_scale[si] * 1e3:>{width}.1f}" if r.per_scale[si] else f"{'skipped':>{width}}"
                         for r in results)
-        lines.append(f"{si:>5} {h:>4}x{w:<4} {cells}")
+        lines.append(f"{si:>5} {scale:>9} {cells}")
     rows = [
         ("scales ms", [f"{sum(r.per_scale) * 1e3:.1f}" for r in results]),
         ("scales speedup", [f"{sum(base.per_scale) / sum(r.per_scale):.2f}x" for r in results]),

@@ -216,6 +216,20 @@ def hart_text(lens: list[int], seed: int = 0) -> dict:
                 context_mask=mask, context_position_ids=mask.cumsum(dim=1) - 1)
 
 
+def tiny_qwen():
+    """A one-layer Qwen2 (hidden size HART_TEXT_DIM) and a Qwen2 tokenizer of single bytes (no merges), built here."""
+    import transformers
+
+    bytes_ = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in bytes_] + [chr(256 + i) for i in range(256 - len(bytes_))]  # GPT-2's byte alphabet
+    tokenizer = transformers.Qwen2Tokenizer(vocab={"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}},
+                                            merges=[])
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=257, hidden_size=HART_TEXT_DIM, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    return transformers.Qwen2Model(config).eval(), tokenizer
+
+
 # ----------------------------------------------------------------------------- tiny stand-ins for official releases
 
 
@@ -229,14 +243,21 @@ def tiny_infinity_build(name: str = "infinity-2b", depth: int | None = None) -> 
     return tiny_infinity(depth=depth or 4)
 
 
+def tiny_hart_build(depth: int | None = None) -> tuple[HART, HARTTokenizer]:
+    model = tiny_hart(depth=depth or 2)
+    return model, model.vae_proxy[0]
+
+
 @pytest.fixture
 def tiny_official(monkeypatch):
     """Pipelines build tiny architectures where they would build the official ones."""
+    import fastvar.pipelines.hart
     import fastvar.pipelines.infinity
     import fastvar.pipelines.var
 
     monkeypatch.setattr(fastvar.pipelines.var, "build", tiny_var_pair)
     monkeypatch.setattr(fastvar.pipelines.infinity, "build", tiny_infinity_build)
+    monkeypatch.setattr(fastvar.pipelines.hart, "build", tiny_hart_build)
 
 
 def random_state(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -262,6 +283,30 @@ def write_official_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     encoder, tokenizer = tiny_text_encoder()
     encoder.save_pretrained(folder / "flan-t5-xl")
     tokenizer.save_pretrained(folder / "flan-t5-xl")
+    states.update(write_official_hart(folder / "hart"))
+    qwen, qwen_tokenizer = tiny_qwen()
+    qwen.save_pretrained(folder / "qwen")
+    qwen_tokenizer.save_pretrained(folder / "qwen")
+    return states
+
+
+def write_official_hart(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A tiny HART in the layout of the official release: ``llm/`` (config.json, the EMA weights with the
+    training mask) and ``tokenizer/`` (config.json, weights under ``vae.`` beside a discriminator)."""
+    model = tiny_hart()
+    tokenizer = model.vae_proxy[0]
+    states = {"hart": random_state(model, 5), "hart_tokenizer": random_state(tokenizer, 6)}
+    for sub in ("llm", "tokenizer"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    meta = {"architectures": ["HARTForT2I"], "model_type": "hart_transformer_t2i", "transformers_version": "4.46.3"}
+    (folder / "llm" / "config.json").write_text(json.dumps({**model.config, **meta, "vae_path": "x"}))
+    (folder / "tokenizer" / "config.json").write_text(json.dumps({**tokenizer.config, "model_type": "hart_autoencoder",
+                                                                  "hybrid": True}))
+    mask_size = model.lvl_1L.shape[1]
+    torch.save({**states["hart"], "attn_bias_for_masking": torch.zeros(1, 1, mask_size, mask_size)},
+               folder / "llm" / "ema_model.bin")
+    torch.save({**{f"vae.{k}": v for k, v in states["hart_tokenizer"].items()}, "disc.main.0.weight": torch.ones(2)},
+               folder / "tokenizer" / "pytorch_model.bin")
     return states
 
 

@@ -24,7 +24,7 @@ def test_benchmark_times_each_variant_and_leaves_the_model_unpatched():
     for r in results:
         assert len(r.per_scale) == len(PATCH_NUMS) and len(r.totals) == 2 and r.decode > 0 and r.peak_memory is None
         assert r.total_min <= r.total_median and sum(r.per_scale) + r.decode <= r.total_median  # means, for 2 repeats
-        assert r.shapes == tuple((p, p) for p in PATCH_NUMS)
+        assert r.scales == tuple(f"{p}x{p}" for p in PATCH_NUMS)
     assert results[2].per_scale[-1] == 0.0 and all(results[2].per_scale[:-1])
     assert results[0].flop_ratio == 1.0 and 0 < results[1].flop_ratio < 1 and 0 < results[2].flop_ratio < 1
     # warm-up and 2 repeats, each running baseline, default, skip in turn

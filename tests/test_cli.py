@@ -11,7 +11,7 @@ from conftest import write_official_files
 from PIL import Image
 
 import fastvar
-from fastvar import InfinityPipeline, VARPipeline, cli
+from fastvar import HARTPipeline, InfinityPipeline, VARPipeline, cli
 
 
 def run_error(capsys, argv) -> str:
@@ -171,3 +171,19 @@ def test_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     err = run_error(capsys, ["bench", "var", "--device", "cuda", "--random-weights"])
     assert "torch sees no CUDA device" in err
+
+
+def test_generate_and_bench_hart(tmp_path, tiny_official, capsys):
+    out = tmp_path / "fox.png"
+    cli.main(["generate", "hart", "--random-weights", "--prompt", "a red fox", "--seed", "4", "--no-more-smooth",
+              "--out", str(out)])
+    expected = HARTPipeline.random()("a red fox", seed=4, more_smooth=False, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    capsys.readouterr()
+    cli.main(["bench", "hart", "--random-weights", "--repeats", "1", "--warmup", "0", "--batch", "2"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
+    assert header.split()[-4:] == ["baseline", "paper", "skip-last", "none"]
+    assert "HART width 64, 2 blocks, 9 scales batch 2" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 9 and rows[-1][-2] == "skipped"  # skip-last leaves out the last scale

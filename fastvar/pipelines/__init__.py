@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastvar.pipelines.base import Pipeline
+from fastvar.pipelines.hart import HARTPipeline
 from fastvar.pipelines.infinity import InfinityPipeline
 from fastvar.pipelines.var import VARPipeline
 
-PIPELINES: dict[str, type[Pipeline]] = {p.family: p for p in (VARPipeline, InfinityPipeline)}
+PIPELINES: dict[str, type[Pipeline]] = {p.family: p for p in (VARPipeline, InfinityPipeline, HARTPipeline)}
 
-__all__ = ["PIPELINES", "InfinityPipeline", "Pipeline", "VARPipeline"]
+__all__ = ["PIPELINES", "HARTPipeline", "InfinityPipeline", "Pipeline", "VARPipeline"]
