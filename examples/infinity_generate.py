@@ -15,13 +15,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--prompt", default="a red fox in the snow, golden hour")
 parser.add_argument("--size", default="1024x1024")
 args = parser.parse_args()
-width, height = (int(v) for v in args.size.split("x"))
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = InfinityPipeline.from_pretrained("infinity-2b", device=device)  # Hub weights and google/flan-t5-xl
+cuda = torch.cuda.is_available()
+pipe = InfinityPipeline.from_pretrained("infinity-2b", dtype="bf16" if cuda else "fp32",  # the cache, else the Hub
+                                        device="cuda" if cuda else "cpu")
 for preset in (None, "prune-only", "skip-only", "paper"):
     start = time.perf_counter()
-    image = pipe(args.prompt, seed=0, size=(width, height), preset=preset, progress=False)[0]
+    image = pipe(args.prompt, seed=0, size=args.size, preset=preset, progress=False)[0]
     seconds = time.perf_counter() - start
     name = preset or "unpatched"
     ratio = fastvar.summary(pipe.transformer).flop_ratio if preset else 1.0

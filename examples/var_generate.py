@@ -1,6 +1,6 @@
-"""Generate ImageNet classes with an official VAR checkpoint, with and without FastVAR, and time both.
+"""Generate ImageNet classes with the official VAR weights, with and without FastVAR, and time both.
 
-    python examples/var_generate.py --depth 16 --classes 207 360 --out var.png
+    python examples/var_generate.py --model var-d16 --classes 207 360 --out var.png
 """
 
 import argparse
@@ -9,25 +9,22 @@ import time
 import torch
 
 import fastvar
+from fastvar import VARPipeline
 from fastvar.cli import to_grid
-from fastvar.models.var import VAR
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--depth", type=int, default=16)
+parser.add_argument("--model", default="var-d16", help="var-d16 ... var-d36, or a folder of official checkpoints")
 parser.add_argument("--classes", type=int, nargs="+", default=[207, 360, 388, 980])
 parser.add_argument("--out", default="var.png")
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-var = VAR.from_pretrained(depth=args.depth, device=device)  # downloads from FoundationVision/var
-labels = torch.tensor(args.classes, device=device)
-images = {}
-for name in ("unpatched", "fastvar"):
-    if name == "fastvar":
-        fastvar.patch(var)
-        print(fastvar.summary(var))
+pipe = VARPipeline.from_pretrained(args.model, device=device)  # from the cache, else FoundationVision/var
+images = []
+for preset in (None, "default"):
     start = time.perf_counter()
-    images[name] = var.autoregressive_infer_cfg(B=len(labels), label_B=labels, g_seed=0, cfg=4.0, top_k=900, top_p=0.95)
-    print(f"{name}: {time.perf_counter() - start:.2f} s")
-to_grid(torch.cat([images["unpatched"], images["fastvar"]])).save(args.out)
+    images += pipe(args.classes, seed=0, preset=preset, progress=False)
+    print(f"{preset or 'unpatched'}: {time.perf_counter() - start:.2f} s")
+print(fastvar.summary(pipe.transformer))
+to_grid(images).save(args.out)
 print(f"saved {args.out}: the unpatched images first, then the FastVAR ones")

@@ -138,3 +138,24 @@ def test_random_pipeline_without_a_text_encoder(tiny_official):
     assert len(images) == 2 and images[0].size == images[1].size
     mask = pipe.encode_prompts(["a red fox"])["context_mask"]
     assert mask.sum().item() == 4  # its three words and an end token
+
+
+def test_bf16_runs_and_draws_the_fp32_tokens_where_the_logits_are_clear(monkeypatch):
+    import fastvar.models.hart as hart_module
+
+    model, runs = tiny_hart(), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        seen = []
+        monkeypatch.setattr(hart_module, "sample_with_top_k_top_p_",
+                            lambda lg, seen=seen, sample=hart_module.sample_with_top_k_top_p_, **kw:
+                            seen.append(lg.float().clone()) or sample(lg, **kw))
+        HARTPipeline(model, dtype=dtype)("a red fox", preset=None, progress=False)
+        monkeypatch.undo()
+        runs[dtype] = seen
+    compared = 0
+    for fp32, bf16 in zip(runs[torch.float32][:3], runs[torch.bfloat16][:3]):
+        top2 = fp32.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 0.5
+        assert torch.equal(fp32.argmax(-1)[clear], bf16.argmax(-1)[clear])
+        compared += int(clear.sum())
+    assert compared >= 3 and not torch.equal(runs[torch.float32][-1], runs[torch.bfloat16][-1])
