@@ -72,3 +72,32 @@ def test_bad_fields_are_refused():
         FastVARConfig(prune=0.5)
     with pytest.raises(TypeError, match=r"unknown FastVARConfig field\(s\) \['ratio'\]; accepted:"):
         FastVARConfig().replace(ratio=0.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layers=5), r"layers = 5: give block indices \(e\.g\. range\(3, 28\) or \[0, 2\]\), fn\(layer, depth\)"),
+    (dict(layers="abc"), r"layers = 'abc': give block indices"),
+    (dict(layers=[0, 1.5]), r"layers: 1\.5 is not a block index"),
+    (dict(prune={-1: True}), r"prune\[-1\] = True: a pruning ratio must be a number in \[0, 1\]"),
+    (dict(skip_last=True), r"skip_last must be a non-negative int, got True"),
+])
+def test_values_of_the_wrong_kind_are_refused_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FastVARConfig(**kwargs)
+
+
+def test_pruning_a_whole_scale_warns_that_skipping_is_cheaper():
+    with pytest.warns(UserWarning, match=r"prune\[-1\] = 1\.0 runs no token of that scale .*skip_last"):
+        config = FastVARConfig(prune={-1: 1.0})
+    assert config.resolve(SQUARE_256, depth=4).keep[-1] == 0
+
+
+def test_text_stages_and_ambiguous_token_counts_are_refused():
+    shapes = [(1, 6), (2, 2), (3, 3), (4, 4)]
+    with pytest.raises(ValueError, match=r"scale 0 holds the text tokens"):
+        FastVARConfig(prune={0: 0.5}).resolve(shapes, 2, text_scales=1)
+    with pytest.raises(ValueError, match=r"the cache scale \(index 0\) would be the text stage"):
+        FastVARConfig(prune={1: 0.5}).resolve(shapes, 2, text_scales=1)
+    assert FastVARConfig(prune={-1: 0.5}).resolve(shapes, 2, text_scales=1).cache_scale == 2
+    with pytest.raises(ValueError, match=r"two scales of .* have the same token count"):
+        FastVARConfig(prune={-1: 0.5}).resolve([(1, 4), (2, 2), (3, 3)], 2, text_scales=1)
