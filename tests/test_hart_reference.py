@@ -1,9 +1,11 @@
 """fastvar's HART reproduces the unmodified upstream HART on the reference set.
 
-On the reference machine every tensor matches bit for bit. The bounds allow for float rounding
-that differs between CPU models: the Gumbel temperature (down to 0.033 at scale 12) magnifies a
-1e-6 change of the logits about 60 times in the soft embeddings, and f_hat sums them over scales.
-The reference's sampling margins (at least 2e-4) keep the sampled indices exact under such changes.
+On the reference machine (AVX512) every tensor matches bit for bit. Other CPUs round matmuls
+differently by about 1e-6, and the Gumbel temperature of the soft embeddings (down to 0.033 at
+scale 12) magnifies that scale after scale. So a free-running generation is judged by what it samples
+(every index, the diffusion noise) and by its latent to a loose bound, and the numerics by teacher
+forcing, where every scale starts from the reference's inputs: logits to 2e-5 (the reference's
+sampling margins are at least 2e-4), soft embeddings, diffusion sample and latent to 1e-3.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from conftest import HartReference
 import fastvar.models.hart as hart_module
 from fastvar.hub import load_checkpoint
 
-LOGITS_TOL = 1e-5
-EMBED_TOL = 1e-4
+LOGITS_TOL = 2e-5
+EMBED_TOL = 1e-3
+FREE_RUNNING_LATENT_TOL = 5e-2  # of a latent whose values reach 21
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,8 @@ class Recorder:
     """Records what one generation samples: the logits handed to the sampler (before its in-place
     top-k), the indices, the token maps given to the quantizer, the diffusion noise and sample, and
     the final latent. With ``teacher`` (the reference outputs of a case) the sampled indices and the
-    token maps of scales 0..K-2 are replaced by the reference's after every draw, so each scale sees
-    the reference's inputs; the draws still happen, so the generator streams stay aligned."""
+    token maps of scales 0..K-2 are replaced by the reference's after they are recorded, so each scale
+    sees the reference's inputs; the draws still happen, so the generator streams stay aligned."""
 
     def __init__(self, monkeypatch, model, teacher: dict | None = None):
         self.logits, self.idx, self.h = [], [], []
@@ -49,9 +52,9 @@ class Recorder:
             return idx
 
         def record_next_input(si, SN, f_hat, h_BChw, patch_nums=None):
+            self.h.append(h_BChw.clone())
             if teacher is not None and si < SN - 1:
                 h_BChw = teacher[f"h.{si}"].clone()
-            self.h.append(h_BChw.clone())
             return next_input(si, SN, f_hat, h_BChw, patch_nums)
 
         def record_denoise(model_fn, noise, generator=None):
@@ -92,22 +95,25 @@ def test_generation_reproduces_every_reference_tensor(reference, monkeypatch, te
         assert len(rec.idx) == K
         for si in range(K):
             assert torch.equal(rec.idx[si].view(ref[f"idx.{si}"].shape).int(), ref[f"idx.{si}"]), f"indices at {si}"
+        # The conditional rows come first: their initial noise and their sample are stored.
+        noise = ref["diff_noise"].reshape(-1, model.Cvae)
+        assert torch.equal(rec.noise[: len(noise)], noise)
+        if not teacher_forced:
+            torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=FREE_RUNNING_LATENT_TOL, rtol=0)
+            continue
+        for si in range(K):
             rows = ref[f"logits.{si}"].shape[1]
             torch.testing.assert_close(rec.logits[si][:, :rows], ref[f"logits.{si}"], atol=LOGITS_TOL, rtol=0,
                                        msg=lambda m, si=si: f"logits at scale {si}: {m}")
             if si < K - 1:
                 torch.testing.assert_close(rec.h[si], ref[f"h.{si}"], atol=EMBED_TOL, rtol=0,
                                            msg=lambda m, si=si: f"token map at scale {si}: {m}")
-        # The conditional rows come first: their initial noise and their sample are stored.
-        noise = ref["diff_noise"].reshape(-1, model.Cvae)
-        assert torch.equal(rec.noise[: len(noise)], noise)
         torch.testing.assert_close(rec.diff_sample[: len(noise)], ref["diff_sample"].reshape(-1, model.Cvae),
                                    atol=EMBED_TOL, rtol=0)
         torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=EMBED_TOL, rtol=0)
-        if not teacher_forced:  # the image is not stored: it is the decoded f_hat
-            with torch.no_grad():
-                expected = (tokenizer.fhat_to_img(ref["f_hat"].clone()) + 1) / 2
-            torch.testing.assert_close(image, expected, atol=1e-5, rtol=0)
+        with torch.no_grad():  # the image is not stored: it is the decoded f_hat
+            expected = (tokenizer.fhat_to_img(ref["f_hat"].clone()) + 1) / 2
+        torch.testing.assert_close(image, expected, atol=EMBED_TOL, rtol=0)
 
 
 def test_tokenizer_decoder_matches(reference):

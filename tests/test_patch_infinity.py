@@ -7,6 +7,7 @@ import torch
 from conftest import random_text, tiny_infinity
 
 import fastvar
+import fastvar.models.infinity as infinity_module
 from fastvar import FastVARConfig
 from fastvar.adapters import find_adapter
 from fastvar.adapters.infinity import InfinityAdapter, make_any_block_class, official_layers
@@ -66,8 +67,19 @@ def teacher_forced_logits(model, vae, schedule, text, bits) -> dict[int, torch.T
     return logits
 
 
-def test_batched_rows_match_single_prompts():
+def float32_varlen_attention(q, kv, cu_seqlens_k, scale):
+    """The official cross-attention without its bf16 rounding, which magnifies the 1e-7 differences of
+    batched and single matmuls into near-ties of the pruning scores."""
+    bounds, outs = cu_seqlens_k.tolist(), []
+    for b in range(q.shape[0]):
+        k, v = kv[bounds[b] : bounds[b + 1]].unbind(1)
+        outs.append(torch.einsum("hqk,khc->qhc", torch.einsum("qhc,khc->hqk", q[b], k).mul(scale).softmax(-1), v))
+    return torch.stack(outs)
+
+
+def test_batched_rows_match_single_prompts(monkeypatch):
     """Each row selects its own tokens and rotary positions: batching changes nothing per prompt."""
+    monkeypatch.setattr(infinity_module, "varlen_attention", float32_varlen_attention)
     model, vae = tiny_infinity(depth=4)
     schedule = scale_schedule(1.333, "0.25M")
     fastvar.patch(model, FastVARConfig(prune={-4: 0.4, -3: 0.5, -2: 0.6}, layers=[1, 3]))
@@ -80,8 +92,8 @@ def test_batched_rows_match_single_prompts():
         single = (text[0][bounds[row] : bounds[row + 1]], [lens[row]], torch.tensor([0, lens[row]], dtype=torch.int32),
                   lens[row])
         single_logits = teacher_forced_logits(model, vae, schedule, single, [b[row : row + 1] for b in bits])
-        for si in range(len(schedule)):  # bf16 cross-attention rounds batched and single runs differently
-            torch.testing.assert_close(single_logits[si][0], logits[si][row], atol=2e-2, rtol=0)
+        for si in range(len(schedule)):
+            torch.testing.assert_close(single_logits[si][0], logits[si][row], atol=1e-4, rtol=0)
 
 
 def test_official_layer_range_scales_with_depth():

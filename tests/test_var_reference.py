@@ -58,9 +58,10 @@ def test_generation_reproduces_every_token_and_image(var_reference, monkeypatch)
             # rounding (the upstream code itself lands 2.6e-3 away on other x86 CPUs): a looser bound.
             torch.testing.assert_close(image, ref[f"{name}.image"], atol=5e-3, rtol=0)
         else:
-            # f_hat depends only on the tokens; its convs round differently by CPU model (about 1e-6).
+            # f_hat depends only on the tokens; its convs round differently by CPU model (about 1e-6),
+            # and the decoder's by up to 2e-5 (seen on an AVX2 machine; the reference ran on AVX512).
             torch.testing.assert_close(rec.f_hat, ref[f"{name}.f_hat"], atol=1e-5, rtol=0)
-            torch.testing.assert_close(image, ref[f"{name}.image"], atol=1e-5, rtol=0)
+            torch.testing.assert_close(image, ref[f"{name}.image"], atol=5e-5, rtol=0)
 
 
 def test_teacher_forced_logits_match(var_reference):
@@ -77,7 +78,8 @@ def test_teacher_forcing_input_from_tokens(var_reference):
     var, ref = var_reference.build(), var_reference.outputs
     tokens = [ref[f"a.tokens.{si}"] for si in range(len(var.patch_nums))]
     x = var.vae_proxy[0].quantize.idxBl_to_var_input(tokens)
-    assert torch.equal(x, ref["tf.x_BLCv_wo_first_l"])
+    # Bit-exact on the reference CPU; the residual convs round differently on others (2e-6 seen).
+    torch.testing.assert_close(x, ref["tf.x_BLCv_wo_first_l"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("missing", ["head.bias", "blocks.1.attn.q_bias"])
