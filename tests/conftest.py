@@ -250,12 +250,14 @@ def tiny_hart_build(depth: int | None = None) -> tuple[HART, HARTTokenizer]:
 
 @pytest.fixture
 def tiny_official(monkeypatch):
-    """Pipelines build tiny architectures where they would build the official ones."""
+    """Pipelines and scripts build tiny architectures where they would build the official ones."""
+    import fastvar.models.var
     import fastvar.pipelines.hart
     import fastvar.pipelines.infinity
     import fastvar.pipelines.var
 
     monkeypatch.setattr(fastvar.pipelines.var, "build", tiny_var_pair)
+    monkeypatch.setattr(fastvar.models.var, "build", tiny_var_pair)
     monkeypatch.setattr(fastvar.pipelines.infinity, "build", tiny_infinity_build)
     monkeypatch.setattr(fastvar.pipelines.hart, "build", tiny_hart_build)
 
