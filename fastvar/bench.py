@@ -42,7 +42,7 @@ class VariantResult:
         return statistics.median(self.totals)
 
 
-class _StepClock:
+class StepClock:
     """Timestamps at the start of every scale (first block called) and of decoding."""
 
     def __init__(self, first_block: nn.Module, decoder: nn.Module, device: torch.device):
@@ -55,14 +55,14 @@ class _StepClock:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def run(self, fn: Callable[[], object]) -> tuple[float, list[float], float]:
-        """(whole call, seconds per executed scale, decoding) of one call of ``fn``."""
+    def run(self, fn: Callable[[], Any]) -> tuple[tuple[float, list[float], float], Any]:
+        """(whole call, seconds per executed scale, decoding) of one call of ``fn``, and what it returned."""
         self.marks, self.decode_mark = [], None
         start = self._now()
-        fn()
+        result = fn()
         end = self._now()
         bounds = [*self.marks, self.decode_mark]
-        return end - start, [b - a for a, b in zip(bounds, bounds[1:])], end - self.decode_mark
+        return (end - start, [b - a for a, b in zip(bounds, bounds[1:])], end - self.decode_mark), result
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -82,14 +82,14 @@ def benchmark(
     peaks: dict[str, int | None] = dict.fromkeys(named)
     ratios, scales = {"baseline": 1.0}, {}
     device = pipe.device
-    clock = _StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
+    clock = StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
     rounds = warmup + repeats
     try:
         for i in range(rounds):
             for name, variant in named.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sample = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant, progress=False))
+                sample, _ = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant, progress=False))
                 if variant is not None:  # after the run: the schedule is the one the call used
                     summary = fastvar.summary(pipe.transformer)
                     ratios[name] = summary.flop_ratio

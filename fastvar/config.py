@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from fastvar.pruning import kept_count
 
+SELECTIONS = ("pivotal", "random")
+RESTORATIONS = ("cache", "zeros")
 PruneRule = Mapping[int, float] | Callable[[int, int], float]
 LayerRule = Iterable[int] | Callable[[int, int], bool] | None
 
@@ -28,12 +30,21 @@ class FastVARConfig:
         (default: the scale before the first pruned one).
     layers: block indices that prune (negative from the last), or ``fn(layer, depth) -> bool``;
         None means every block.
+
+    Ablations, to see what each half of the method contributes on a model (the defaults are FastVAR's):
+    selection: ``"pivotal"`` keeps the tokens farthest from the map's mean; ``"random"`` keeps tokens drawn
+        uniformly, per batch row, from a generator seeded with ``selection_seed``, the scale, block and branch.
+    restoration: ``"cache"`` fills pruned slots with the cache scale's outputs, resized; ``"zeros"`` leaves
+        them at zero (the branch adds nothing there), and caches nothing.
     """
 
     prune: PruneRule = field(default_factory=dict)
     skip_last: int = 0
     cache_scale: int | None = None
     layers: LayerRule = None
+    selection: str = "pivotal"
+    restoration: str = "cache"
+    selection_seed: int = 0
 
     def __post_init__(self):
         if isinstance(self.prune, Mapping):
@@ -53,6 +64,12 @@ class FastVARConfig:
             if wrong:
                 raise ValueError(f"layers: {wrong[0]!r} is not a block index (an int; negative counts from the last)")
             object.__setattr__(self, "layers", layers)
+        for name, value, accepted in (("selection", self.selection, SELECTIONS),
+                                      ("restoration", self.restoration, RESTORATIONS)):
+            if value not in accepted:
+                raise ValueError(f"{name} = {value!r}: accepted are {list(accepted)}")
+        if not isinstance(self.selection_seed, int) or isinstance(self.selection_seed, bool):
+            raise ValueError(f"selection_seed must be an int, got {self.selection_seed!r}")
 
     def replace(self, **overrides) -> FastVARConfig:
         """A copy with some fields changed; unknown names raise ``TypeError`` listing the fields."""
@@ -88,7 +105,7 @@ class FastVARConfig:
                              "block's scale by it, so this schedule cannot be pruned")
         keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
         layers = frozenset(self._layers(depth)) if pruned else frozenset()
-        cache_scale = self._cache_scale(K, pruned)
+        cache_scale = self._cache_scale(K, pruned) if self.restoration == "cache" else None
         if cache_scale is not None and cache_scale < text_scales:
             raise ValueError(f"the cache scale (index {cache_scale}) would be the text stage, whose tokens are not a "
                              f"token map to resize; cache a token map (cache_scale index {text_scales} or later)")

@@ -24,6 +24,13 @@ def select_pivotal(x: torch.Tensor, num_keep: int) -> torch.Tensor:
     return token_scores(x).topk(num_keep, dim=1, sorted=True).indices
 
 
+def select_random(x: torch.Tensor, num_keep: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices (B, num_keep) of tokens drawn uniformly without replacement, per row: the ablation of
+    ``select_pivotal``."""
+    B, L, _ = x.shape
+    return torch.rand(B, L, generator=generator, device=generator.device).topk(num_keep, dim=1).indices.to(x.device)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The tokens ``idx`` (B, k) of ``x`` (B, L, C): (B, k, C)."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -38,3 +45,9 @@ def restore(
     grid = cached.reshape(B, *cached_hw, C).permute(0, 3, 1, 2)
     resized = F.interpolate(grid, size=hw, mode="area").permute(0, 2, 3, 1).reshape(B, hw[0] * hw[1], C)
     return resized.scatter(1, idx.unsqueeze(-1).expand(-1, -1, C), fresh)
+
+
+def restore_zeros(fresh: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The full (B, num_tokens, C) branch output with zeros in the pruned slots: the ablation of ``restore``."""
+    B, _, C = fresh.shape
+    return fresh.new_zeros(B, num_tokens, C).scatter(1, idx.unsqueeze(-1).expand(-1, -1, C), fresh)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
 
 from fastvar.config import FastVARConfig, Schedule
-from fastvar.pruning import gather_tokens, restore, select_pivotal
+from fastvar.pruning import gather_tokens, restore, restore_zeros, select_pivotal, select_random
 
 Branch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (tokens, their indices or None)
 
@@ -44,18 +45,27 @@ class FastVARState:
         and the stored output, resized, fills the other positions.
         """
         keep = self.schedule.keep[si] if layer in self.schedule.layers else None
+        from_cache = self.config.restoration == "cache"
         if keep is None:
             out = branch(x, None)
             if si == self.schedule.cache_scale and layer in self.schedule.layers:
                 self._cache[layer, name] = (out, self.schedule.shapes[si])
             return out
-        if (layer, name) not in self._cache:
+        if from_cache and (layer, name) not in self._cache:
             raise RuntimeError(f"block {layer} reached pruned scale {si} before its cache scale "
                                f"{self.schedule.cache_scale} ran; run scales in order from the first")
-        idx = select_pivotal(x, keep)
+        idx = self._select(x, keep, si, layer, name)
         fresh = branch(gather_tokens(x, idx), idx)
+        if not from_cache:
+            return restore_zeros(fresh, idx, x.shape[1])
         cached, cached_hw = self._cache[layer, name]
         return restore(cached, cached_hw, fresh, idx, self.schedule.shapes[si])
+
+    def _select(self, x: torch.Tensor, keep: int, si: int, layer: int, name: str) -> torch.Tensor:
+        if self.config.selection == "pivotal":
+            return select_pivotal(x, keep)
+        seed = zlib.crc32(f"{self.config.selection_seed}:{si}:{layer}:{name}".encode())
+        return select_random(x, keep, torch.Generator(device=x.device).manual_seed(seed))
 
     def release(self) -> None:
         """Free the cached branch outputs (after each generation and on unpatch)."""

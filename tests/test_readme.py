@@ -24,6 +24,8 @@ PYTHON = [code for marker, lang, code in BLOCKS if lang == "python" and not mark
 DOWNLOADS = [code for marker, lang, code in BLOCKS if lang == "python" and marker.startswith("downloads")]
 COMMANDS = [shlex.split(line.split("  #")[0]) for marker, lang, code in BLOCKS if lang == "bash"
             for line in code.splitlines() if line.startswith("fastvar ")]
+COMMANDS += [["fastvar", *shlex.split(line.split("-m fastvar ")[1])] for marker, lang, code in BLOCKS
+             if lang == "bash" for line in code.splitlines() if line.startswith("torchrun ")]
 
 
 def test_every_python_block_is_run_or_says_why_not():
@@ -33,7 +35,8 @@ def test_every_python_block_is_run_or_says_why_not():
 
 
 @pytest.mark.parametrize("code", PYTHON, ids=[f"block{i}" for i in range(len(PYTHON))])
-def test_python_block_runs(code):
+def test_python_block_runs(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what a block writes lands in a fresh folder
     exec(compile(code, str(ROOT / "README.md"), "exec"), {"__name__": "readme"})
 
 
@@ -78,7 +81,8 @@ def test_download_block_runs_on_stand_ins(code, stand_in_world):
 def test_command_lines_are_valid(argv, monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "generate", lambda args: seen.setdefault("args", args))
-    monkeypatch.setattr(cli, "bench", lambda args: seen.setdefault("args", args))
+    for command in ("bench", "sample_command", "compare_command"):
+        monkeypatch.setattr(cli, command, lambda args: seen.setdefault("args", args))
     if argv[1:] in (["--version"], []):
         return
     args = cli.parser().parse_args(argv[1:])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +27,25 @@ def sample_with_top_k_top_p_(
         remove[..., -1:] = False  # the most likely entry always survives
         logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
+    drawn = torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
+    for draws in _recorders:
+        draws.append(drawn.clone())
+    return drawn
+
+
+_recorders: list[list[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def recording_draws() -> Iterator[list[torch.Tensor]]:
+    """Collect every token draw made inside the block, one (B, l) tensor per call of the sampler (one per
+    scale; Infinity draws l = tokens x bits), to compare runs token by token."""
+    draws: list[torch.Tensor] = []
+    _recorders.append(draws)
+    try:
+        yield draws
+    finally:
+        _recorders.remove(draws)
 
 
 def generator_on(model: nn.Module, device: torch.device) -> torch.Generator:

@@ -97,7 +97,12 @@ class Pipeline:
 
     @classmethod
     def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Options of ``generate`` that become ``__call__`` arguments."""
+        """Options of ``generate`` and ``bench`` listing the images (prompts or class ids)."""
+        raise NotImplementedError
+
+    @classmethod
+    def add_sampling_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Options of every command that become ``__call__`` arguments (guidance, sampling, size)."""
         raise NotImplementedError
 
     @classmethod
@@ -106,10 +111,14 @@ class Pipeline:
         raise NotImplementedError
 
     @classmethod
-    def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
-        """``__call__`` keyword arguments from the options of ``add_input_arguments``."""
+    def inputs(cls, args: argparse.Namespace) -> list:
+        """The ``batch_argument`` of ``__call__`` from the options of ``add_input_arguments``."""
         raise NotImplementedError
 
+    @classmethod
+    def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """``__call__`` keyword arguments from the options of ``add_sampling_arguments``."""
+        raise NotImplementedError
 
     def describe(self) -> str:
         """One line naming the model, for benchmark titles."""

@@ -195,6 +195,9 @@ class HARTPipeline(Pipeline):
     def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--prompt", dest="prompts", action="append",
                             help="repeatable: one image per prompt (default: 'a red fox in the snow')")
+
+    @classmethod
+    def add_sampling_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance scale")
         parser.add_argument("--top-p", type=float, default=0.0, help="0: no top-p filtering")
         parser.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=SAMPLING["more_smooth"],
@@ -210,8 +213,12 @@ class HARTPipeline(Pipeline):
                                    text_encoder=args.text_encoder, dtype=args.dtype, device=args.device)
 
     @classmethod
+    def inputs(cls, args: argparse.Namespace) -> list[str]:
+        return args.prompts or ["a red fox in the snow"]
+
+    @classmethod
     def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return dict(prompt=args.prompts or ["a red fox in the snow"], cfg=args.cfg, top_p=args.top_p,
+        return dict(cfg=args.cfg, top_p=args.top_p,
                     more_smooth=args.more_smooth)
 
     def describe(self) -> str:

@@ -268,6 +268,9 @@ class InfinityPipeline(Pipeline):
     def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--prompt", dest="prompts", action="append",
                             help="repeatable: one image per prompt (default: 'a red fox in the snow')")
+
+    @classmethod
+    def add_sampling_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--negative-prompt", help="replaces the learned null text of guidance")
         parser.add_argument("--size", help="WIDTHxHEIGHT of an official schedule (default: 1024x1024)")
         parser.add_argument("--aspect-ratio", type=float, help="height / width, instead of --size")
@@ -289,8 +292,12 @@ class InfinityPipeline(Pipeline):
                                    text_encoder=args.text_encoder, dtype=args.dtype, device=args.device)
 
     @classmethod
+    def inputs(cls, args: argparse.Namespace) -> list[str]:
+        return args.prompts or ["a red fox in the snow"]
+
+    @classmethod
     def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return dict(prompt=args.prompts or ["a red fox in the snow"], negative_prompt=args.negative_prompt,
+        return dict(negative_prompt=args.negative_prompt,
                     size=args.size, aspect_ratio=args.aspect_ratio, pixels=args.pixels, cfg=args.cfg, tau=args.tau,
                     top_k=args.top_k, top_p=args.top_p)
 

@@ -132,6 +132,9 @@ class VARPipeline(Pipeline):
         parser.add_argument("--class", dest="classes", type=int, nargs="+", default=[207],
                             help="ImageNet class ids, 0..999 (default: %(default)s)")
         parser.add_argument("--num-samples", type=int, default=1, help="images per class (default: %(default)s)")
+
+    @classmethod
+    def add_sampling_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance scale (default: %(default)s)")
         parser.add_argument("--top-k", type=int, default=SAMPLING["top_k"],
                             help="sample among the k likeliest tokens; 0: all (default: %(default)s)")
@@ -150,11 +153,14 @@ class VARPipeline(Pipeline):
                                    dtype=args.dtype, device=args.device)
 
     @classmethod
-    def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
+    def inputs(cls, args: argparse.Namespace) -> list[int]:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        return dict(class_ids=[c for c in args.classes for _ in range(args.num_samples)], cfg=args.cfg,
-                    top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+        return [c for c in args.classes for _ in range(args.num_samples)]
+
+    @classmethod
+    def call_arguments(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
 
     def describe(self) -> str:
         var = self.transformer

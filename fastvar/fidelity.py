@@ -1,0 +1,197 @@
+"""What a preset changes on the user's own model: time, memory, the sampled tokens, and the images.
+
+Every variant runs the same inputs with the same seeds as the unpatched model. Tokens are compared
+draw by draw (``fastvar.models.sampling.recording_draws``): at each scale, the fraction of tokens
+(Infinity: of tokens with all their bits) equal to the unpatched run's. Images are compared by PSNR and
+SSIM from torchmetrics (the ``compare`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import fastvar
+from fastvar.adapters import find_adapter
+from fastvar.bench import StepClock
+from fastvar.models.sampling import recording_draws
+from fastvar.pipelines.base import Pipeline, Preset
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    name: str
+    preset: str | None  # the preset name or the config's repr; None: the unpatched model
+    totals: tuple[float, ...]  # seconds of every timed call
+    scales_seconds: tuple[float, ...]  # seconds of all scales, every timed call
+    peak_memory: int | None  # bytes, CUDA only
+    flop_ratio: float
+    agreement: tuple[float | None, ...]  # per scale; None where the variant skips the scale
+    psnr: tuple[float, ...]  # dB per image against the unpatched one (inf: identical)
+    ssim: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The reports, unpatched first, and every variant's images (input-major, then seed)."""
+
+    scales: tuple[str, ...]  # 'h x w' of the token map drawn at every scale
+    reports: tuple[VariantReport, ...]
+    images: Mapping[str, Sequence[Image.Image]]
+
+    def table(self) -> str:
+        base = self.reports[0]
+        width = max(12, *(len(r.name) + 2 for r in self.reports))
+        rows = [
+            ("speedup (min)", [f"{min(base.totals) / min(r.totals):.2f}x" for r in self.reports]),
+            ("speedup (median)", [f"{statistics.median(base.totals) / statistics.median(r.totals):.2f}x"
+                                  for r in self.reports]),
+            ("scales speedup", [f"{statistics.median(base.scales_seconds) / statistics.median(r.scales_seconds):.2f}x"
+                                for r in self.reports]),
+            ("FLOP ratio", [f"{r.flop_ratio:.3f}" for r in self.reports]),
+            ("PSNR mean dB", [f"{statistics.fmean(r.psnr):.2f}" for r in self.reports]),
+            ("PSNR worst dB", [f"{min(r.psnr):.2f}" for r in self.reports]),
+            ("SSIM mean", [f"{statistics.fmean(r.ssim):.4f}" for r in self.reports]),
+            ("SSIM worst", [f"{min(r.ssim):.4f}" for r in self.reports]),
+        ]
+        if base.peak_memory is not None:
+            rows.append(("peak GiB", [f"{r.peak_memory / 2**30:.2f}" for r in self.reports]))
+        lines = [f"{'':>16}" + "".join(f"{r.name:>{width}}" for r in self.reports)]
+        lines += [f"{label:>16}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+        lines.append("tokens equal to the unpatched run, per scale:")
+        for si, scale in enumerate(self.scales):
+            cells = "".join(f"{'skipped':>{width}}" if r.agreement[si] is None else f"{r.agreement[si]:>{width}.4f}"
+                            for r in self.reports)
+            lines.append(f"{si:>6} {scale:>9}" + cells)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The reports as JSON-ready data (infinite PSNR as the string 'inf')."""
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and math.isinf(value):
+                return "inf"
+            return [clean(v) for v in value] if isinstance(value, list | tuple) else value
+
+        return {"scales": list(self.scales),
+                "variants": [{k: clean(v) for k, v in asdict(r).items()} for r in self.reports]}
+
+    def grid(self) -> Image.Image:
+        """One row per image (input, seed), one column per variant, unpatched first."""
+        columns = [self.images[r.name] for r in self.reports]
+        w, h = columns[0][0].size
+        grid = Image.new("RGB", (len(columns) * w, len(columns[0]) * h))
+        for col, images in enumerate(columns):
+            for row, image in enumerate(images):
+                grid.paste(image, (col * w, row * h))
+        return grid
+
+    def save(self, out_dir: str | Path) -> None:
+        """``compare.txt``, ``compare.json`` and ``grid.png`` into the folder ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.txt").write_text(self.table() + "\n")
+        (out / "compare.json").write_text(json.dumps(self.to_json(), indent=1))
+        self.grid().save(out / "grid.png")
+
+
+def image_metrics(images: Sequence[Image.Image], references: Sequence[Image.Image]) -> tuple[list[float], list[float]]:
+    """PSNR (dB) and SSIM of each image against its reference, both in [0, 1] RGB."""
+    try:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    except ImportError as err:  # an optional dependency
+        raise ImportError("image metrics need torchmetrics: pip install 'fastvar-torch[compare]'") from err
+
+    def batch(pictures: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures])).permute(0, 3, 1, 2) / 255
+
+    x, y = batch(images), batch(references)
+    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    return psnr.tolist(), ssim.reshape(-1).tolist()
+
+
+def compare(
+    pipe: Pipeline, inputs: Sequence[str | int], variants: Mapping[str, Preset] | Sequence[str],
+    seeds: Sequence[int] = (0,), batch_size: int = 1, repeats: int = 1, warmup: int = 1, **options: Any,
+) -> Comparison:
+    """Run ``inputs`` (prompts or class ids, ``batch_size`` per call) with every seed unpatched and under each
+    variant (preset names, or ``{name: preset name or FastVARConfig}``), alternating variants ``repeats``
+    times after ``warmup`` untimed unpatched calls; ``options`` go to every call. The model is left unpatched."""
+    named: dict[str, Preset] = dict(variants) if isinstance(variants, Mapping) else {v: v for v in variants}
+    if not named or "unpatched" in named:
+        raise ValueError("give at least one variant to compare, none of them named 'unpatched'")
+    for preset in named.values():
+        if preset is None or (isinstance(preset, str) and preset not in pipe.adapter.presets):
+            raise ValueError(f"unknown {pipe.family} preset {preset!r}; available: {sorted(pipe.adapter.presets)}")
+    if not inputs or repeats < 1 or warmup < 0 or batch_size < 1 or not seeds:
+        raise ValueError("compare needs inputs, seeds, batch_size >= 1, repeats >= 1 and warmup >= 0")
+    named = {"unpatched": None, **named}
+    calls = [(list(inputs[i:i + batch_size]), seed) for i in range(0, len(inputs), batch_size) for seed in seeds]
+    device = pipe.device
+    clock = StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in named}
+    images: dict[str, list[Image.Image]] = {n: [] for n in named}
+    draws: dict[str, list[list[torch.Tensor]]] = {n: [] for n in named}
+    peaks: dict[str, int | None] = dict.fromkeys(named)
+    summaries: dict[str, fastvar.Summary] = {}
+    try:
+        for _ in range(warmup):
+            pipe(**{pipe.batch_argument: calls[0][0]}, seed=calls[0][1], preset=None, progress=False, **options)
+        for repeat in range(repeats):
+            for batch, seed in calls:
+                for name, preset in named.items():
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    with recording_draws() as drawn:
+                        (total, per_scale, _), result = clock.run(lambda preset=preset, batch=batch, seed=seed: pipe(
+                            **{pipe.batch_argument: batch}, seed=seed, preset=preset, progress=False, **options))
+                    times[name].append((total, sum(per_scale)))
+                    if device.type == "cuda":
+                        peaks[name] = max(peaks[name] or 0, torch.cuda.max_memory_allocated(device))
+                    if preset is not None:
+                        summaries[name] = fastvar.summary(pipe.transformer)
+                    if repeat == 0:
+                        images[name] += result
+                        draws[name].append(drawn)
+    finally:
+        clock.close()
+        if fastvar.is_patched(pipe.transformer):
+            fastvar.unpatch(pipe.transformer)
+    rows = next(iter(summaries.values())).rows
+    drawn_maps = [(1, 1) if r.text else r.shape for r in rows]  # HART's text stage draws the first, 1x1 map
+    reports = []
+    for name, preset in named.items():
+        psnr, ssim = image_metrics(images[name], images["unpatched"])
+        reports.append(VariantReport(
+            name, preset if preset is None or isinstance(preset, str) else repr(preset),
+            tuple(t for t, _ in times[name]), tuple(s for _, s in times[name]), peaks[name],
+            summaries[name].flop_ratio if name in summaries else 1.0,
+            token_agreement(draws[name], draws["unpatched"], [h * w for h, w in drawn_maps]), tuple(psnr),
+            tuple(ssim)))
+    return Comparison(tuple(f"{h}x{w}" for h, w in drawn_maps), tuple(reports), images)
+
+
+def token_agreement(runs: Sequence[Sequence[torch.Tensor]], references: Sequence[Sequence[torch.Tensor]],
+                    tokens: Sequence[int]) -> tuple[float | None, ...]:
+    """Per scale, over every call: the fraction of tokens drawn as in the reference run; None where a run
+    drew nothing (a skipped scale)."""
+    agreement = []
+    for si, n in enumerate(tokens):
+        equal = count = 0
+        for run, reference in zip(runs, references):
+            if si >= len(run):
+                break
+            a, b = run[si].reshape(run[si].shape[0], n, -1), reference[si].reshape(reference[si].shape[0], n, -1)
+            equal += int((a == b).all(dim=-1).sum())
+            count += a.shape[0] * n
+        agreement.append(equal / count if count else None)
+    return tuple(agreement)
