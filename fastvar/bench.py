@@ -152,3 +152,17 @@ def format_results(results: list[VariantResult], title: str) -> str:
                  "total: the whole call = text encoding + scales + decode + conversion to PIL.\n"
                  "FLOP ratio: ideal, transformer blocks and head (no decoder); time ratio: measured, whole call.")
     return "\n".join(lines)
+
+
+def results_json(results: list[VariantResult], **about: object) -> dict[str, object]:
+    """The results as JSON-ready data, with speedups from the minimum and the median, and ``about`` (the
+    machine, model, dtype ...)."""
+    base = results[0]
+    variants = []
+    for r in results:
+        variants.append(dict(
+            name=r.name, total_min_s=r.total_min, total_median_s=r.total_median, totals_s=list(r.totals),
+            scales_s=sum(r.per_scale), per_scale_s=list(r.per_scale), decode_s=r.decode,
+            peak_memory_bytes=r.peak_memory, speedup_min=base.total_min / r.total_min,
+            speedup_median=base.total_median / r.total_median, flop_ratio=r.flop_ratio, scales=list(r.scales)))
+    return {**about, "variants": variants}

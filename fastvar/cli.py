@@ -18,7 +18,7 @@ from PIL import Image
 
 import fastvar
 from fastvar import sampler
-from fastvar.bench import benchmark, format_results
+from fastvar.bench import benchmark, format_results, results_json
 from fastvar.config import FastVARConfig
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipelines import PIPELINES
@@ -115,7 +115,7 @@ def generate(args: argparse.Namespace) -> None:
     out = check_output(args.out)
     preset = chosen_preset(args, family)
     inputs, options = family.inputs(args), family.call_arguments(args)
-    pipe = family.from_arguments(args, random=args.random_weights)
+    pipe = load_pipeline(family, args, random=args.random_weights)
     images = pipe(**{family.batch_argument: inputs}, **options, seed=args.seed, preset=preset)
     if fastvar.is_patched(pipe.transformer):
         print(fastvar.summary(pipe.transformer), file=sys.stderr)
@@ -129,17 +129,28 @@ def generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def load_pipeline(family: type[Pipeline], args: argparse.Namespace, random: bool) -> Pipeline:
+    """The pipeline the model options name; with ``--offload``, loaded into host memory and offloaded."""
+    if not args.offload:
+        return family.from_arguments(args, random=random)
+    target, args.device = args.device, "cpu"
+    try:
+        return family.from_arguments(args, random=random).enable_model_cpu_offload(target)
+    finally:
+        args.device = target
+
+
 def bench_pipeline(args: argparse.Namespace, family: type[Pipeline]) -> Pipeline:
     if args.random_weights:
-        return family.from_arguments(args, random=True)
+        return load_pipeline(family, args, random=True)
     try:
         with cache_only():
-            return family.from_arguments(args, random=False)
+            return load_pipeline(family, args, random=False)
     except WeightsUnavailableError as err:
         if args.weights:
             raise
         print(f"official weights not at hand ({err}); timing random weights", file=sys.stderr)
-    return family.from_arguments(args, random=True)
+    return load_pipeline(family, args, random=True)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -148,6 +159,8 @@ def bench(args: argparse.Namespace) -> None:
     inputs = {**family.call_arguments(args), family.batch_argument: [items[i % len(items)] for i in range(args.batch)]}
     presets = args.presets or list(family.adapter.presets)
     check_presets(presets, family)
+    if args.json and not Path(args.json).parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     pipe = bench_pipeline(args, family)
     device = pipe.device
     repeats = args.repeats or (5 if device.type == "cuda" else 2)
@@ -158,6 +171,10 @@ def bench(args: argparse.Namespace) -> None:
     title = (f"{pipe.describe()} batch {args.batch} {dtype} on {where}, torch {torch.__version__}; "
              f"{repeats} alternated runs after {args.warmup} warm-up (ms)")
     print(format_results(results, title))
+    if args.json:
+        data = results_json(results, model=pipe.describe(), family=args.family, batch=args.batch, dtype=dtype,
+                            device=where, torch=torch.__version__, repeats=repeats, warmup=args.warmup)
+        Path(args.json).write_text(json.dumps(data, indent=1))
 
 
 def sample_command(args: argparse.Namespace) -> None:
@@ -176,7 +193,7 @@ def sample_command(args: argparse.Namespace) -> None:
         if args.device in ("auto", "cuda") and torch.cuda.is_available():
             args.device = f"cuda:{local_rank}"
     try:
-        pipe = family.from_arguments(args, random=args.random_weights)
+        pipe = load_pipeline(family, args, random=args.random_weights)
         summary = sampler.sample(pipe, items, out, layout=args.layout, batch_size=args.batch, seed=args.seed,
                                  preset=preset, progress=not args.no_progress, **options)
     finally:
@@ -226,7 +243,7 @@ def compare_command(args: argparse.Namespace) -> None:
         inputs = [i.input for i in sampler.read_prompts(args.prompts)]
     out = sampler.check_out_dir(args.out)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
-    pipe = family.from_arguments(args, random=args.random_weights)
+    pipe = load_pipeline(family, args, random=args.random_weights)
     comparison = fastvar.compare(pipe, inputs, variants, seeds=seeds, batch_size=args.batch, repeats=args.repeats,
                                  **family.call_arguments(args))
     comparison.save(out)
@@ -248,6 +265,8 @@ def add_model_options(p: argparse.ArgumentParser, family: type[Pipeline]) -> Non
     p.add_argument("--dtype", default="fp32", choices=[k for k, v in DTYPES.items() if v in family.dtypes],
                    help="precision, run as the official inference runs it")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--offload", action="store_true", help="keep the modules in host memory, each on the device only "
+                                                          "while it works (text encoder, transformer, decoder)")
 
 
 def add_preset_choice(p: argparse.ArgumentParser, family: type[Pipeline]) -> None:
@@ -272,6 +291,7 @@ def add_bench(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> 
                    help="preset to time, repeatable (default: every preset of the family)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per variant (default: 5 on CUDA, 2 on the CPU)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
+    p.add_argument("--json", help="also write the results to this file as JSON")
     p.set_defaults(func=bench)
 
 

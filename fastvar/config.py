@@ -30,6 +30,9 @@ class FastVARConfig:
         (default: the scale before the first pruned one).
     layers: block indices that prune (negative from the last), or ``fn(layer, depth) -> bool``;
         None means every block.
+    guidance_off_from: scale position from which the unconditional (CFG) rows are not run: those scales
+        sample from the conditional logits alone (guidance weight 0; Infinity's cfg-1 path), at half the
+        batch. Changes the output; None (the default) keeps guidance at every scale.
 
     Ablations, to see what each half of the method contributes on a model (the defaults are FastVAR's):
     selection: ``"pivotal"`` keeps the tokens farthest from the map's mean; ``"random"`` keeps tokens drawn
@@ -42,6 +45,7 @@ class FastVARConfig:
     skip_last: int = 0
     cache_scale: int | None = None
     layers: LayerRule = None
+    guidance_off_from: int | None = None
     selection: str = "pivotal"
     restoration: str = "cache"
     selection_seed: int = 0
@@ -109,8 +113,14 @@ class FastVARConfig:
         if cache_scale is not None and cache_scale < text_scales:
             raise ValueError(f"the cache scale (index {cache_scale}) would be the text stage, whose tokens are not a "
                              f"token map to resize; cache a token map (cache_scale index {text_scales} or later)")
+        guided = K
+        if self.guidance_off_from is not None:
+            guided = scale_index(self.guidance_off_from, K, "guidance_off_from")
+            if guided >= executed:
+                raise ValueError(f"guidance_off_from={self.guidance_off_from} (index {guided}) is a skipped scale "
+                                 f"(skip_last={self.skip_last}); turn guidance off at an executed scale")
         return Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
-                        layers=layers, depth=depth, text_scales=text_scales)
+                        layers=layers, depth=depth, text_scales=text_scales, guided=guided)
 
     def _ratios(self, K: int) -> list[float]:
         if callable(self.prune):
@@ -157,6 +167,11 @@ class Schedule:
     layers: frozenset[int]  # the blocks that prune
     depth: int
     text_scales: int = 0  # leading scales of text tokens rather than token maps
+    guided: int | None = None  # scales before this one run both CFG halves, the rest the conditional rows only
+
+    def __post_init__(self):
+        if self.guided is None:
+            object.__setattr__(self, "guided", len(self.shapes))
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -165,7 +180,7 @@ class Schedule:
     @property
     def is_identity(self) -> bool:
         """Whether the model runs exactly as unpatched."""
-        return self.executed == len(self.shapes) and not self.layers
+        return self.executed == len(self.shapes) and not self.layers and self.guided == len(self.shapes)
 
     def tokens_run(self, si: int, layer: int) -> int:
         """Tokens block ``layer`` processes at scale ``si`` (0 when the scale is skipped)."""
@@ -173,6 +188,16 @@ class Schedule:
             return 0
         keep = self.keep[si]
         return keep if keep is not None and layer in self.layers else self.tokens[si]
+
+    @property
+    def last_pruned(self) -> int | None:
+        """The last scale that prunes, after which no cached branch output is read."""
+        return max((si for si, keep in enumerate(self.keep) if keep is not None), default=None)
+
+    def kv_tokens(self, layer: int) -> int:
+        """Tokens whose keys and values block ``layer`` caches over one generation: those of every executed
+        scale but the last, which no later scale reads."""
+        return sum(self.tokens_run(si, layer) for si in range(self.executed - 1))
 
     def scale_of_length(self) -> dict[int, int]:
         """Token count -> scale index, to recognise the scale of a block input."""

@@ -10,13 +10,14 @@ import functools
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from fastvar.adapters import find_adapter
 from fastvar.adapters.base import Adapter
 from fastvar.config import FastVARConfig
 from fastvar.state import FastVARState
-from fastvar.summary import Summary
+from fastvar.summary import Summary, decoder_flops
 
 
 def _refuse_pickling(module: nn.Module, protocol: int) -> None:
@@ -102,9 +103,17 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get("_fastvar"), FastVARState)
 
 
-def summary(model: nn.Module) -> Summary:
-    """Per scale: tokens, tokens run per block, skipped or not; and the ideal FLOP ratio."""
+def summary(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32,
+            decoder: nn.Module | None = None) -> Summary:
+    """Per scale: tokens, tokens run per block, skipped or not, FLOPs and KV-cache bytes; the ideal FLOP
+    ratio, and with the image ``decoder`` (found on VAR and HART models; pass Infinity's VAE decoder) that of
+    the whole call. Memory is for ``batch`` images cached in ``dtype``."""
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched; call fastvar.patch(model) first")
-    state = model._fastvar
-    return Summary.of(state.family, state.preset, state.schedule, find_adapter(model).cost_model(model))
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch = {batch!r}: must be an int >= 1")
+    state, adapter = model._fastvar, find_adapter(model)
+    decoder = adapter.decoder(model) if decoder is None else decoder
+    flops = None if decoder is None else decoder_flops(decoder, *adapter.latent_shape(model, state.schedule.shapes[-1]))
+    return Summary.of(state.family, state.preset, state.schedule, adapter.cost_model(model), batch,
+                      torch.empty((), dtype=dtype).element_size(), flops)

@@ -1,4 +1,5 @@
-"""Per-model runtime state shared by the patched blocks: the schedule and the cached branch outputs."""
+"""Per-model runtime state shared by the patched blocks: the schedule and the cached branch outputs
+(kept from the cache scale until the last pruned scale has read them)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ class FastVARState:
         if not from_cache:
             return restore_zeros(fresh, idx, x.shape[1])
         cached, cached_hw = self._cache[layer, name]
-        return restore(cached, cached_hw, fresh, idx, self.schedule.shapes[si])
+        if si == self.schedule.last_pruned:  # no later scale reads it
+            del self._cache[layer, name]
+        return restore(cached[: x.shape[0]], cached_hw, fresh, idx, self.schedule.shapes[si])
 
     def _select(self, x: torch.Tensor, keep: int, si: int, layer: int, name: str) -> torch.Tensor:
         if self.config.selection == "pivotal":

@@ -1,8 +1,14 @@
-"""What a patched model does at each scale, and the ideal FLOP ratio of its schedule."""
+"""What a patched model does at each scale: tokens run, ideal FLOPs (transformer, and the whole call with
+the image decoder), and the memory its caches need."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastvar.config import Schedule
 
@@ -15,6 +21,8 @@ class CostModel:
     mlp_matrices: weight matrices of the FFN, 2 (fc1, fc2) or 3 (SwiGLU's gate, up, down).
     last_scale_per_token: FLOPs per token of the last scale that no schedule prunes (HART's diffusion
         head, run on every token); spent only when the last scale runs.
+    branches: branches per block whose outputs a schedule caches (attention, FFN; Infinity's
+        cross-attention too).
     """
 
     width: int
@@ -23,6 +31,7 @@ class CostModel:
     context: int = 0
     mlp_matrices: int = 2
     last_scale_per_token: float = 0.0
+    branches: int = 2
 
     def block(self, queries: int, keys: int) -> float:
         C = self.width
@@ -50,6 +59,17 @@ class CostModel:
         return flops
 
 
+def decoder_flops(decoder: nn.Module, height: int, width: int) -> float:
+    """FLOPs of the image decoder on one latent of ``height`` x ``width``, counted by torch's
+    ``FlopCounterMode`` on meta tensors (shapes only, nothing computed)."""
+    channels = next(m for m in decoder.modules() if isinstance(m, nn.Conv2d)).in_channels
+    meta = {name: torch.empty_like(t, device="meta") for name, t in chain(decoder.named_parameters(),
+                                                                          decoder.named_buffers())}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        torch.func.functional_call(decoder, meta, (torch.empty(1, channels, height, width, device="meta"),))
+    return float(counter.get_total_flops())
+
+
 @dataclass(frozen=True)
 class ScaleRow:
     index: int
@@ -59,41 +79,95 @@ class ScaleRow:
     pruning_blocks: int
     skipped: bool
     cached: bool
-    flops: float
+    flops: float  # per image: both CFG rows, or the conditional one where guidance is off
     baseline_flops: float
+    guided: bool
+    kv_bytes: int  # keys and values this scale adds to the cache, every block and row (the last adds none)
+    baseline_kv_bytes: int
+    branch_bytes: int  # cached branch outputs held while this scale runs
     text: bool = False  # the scale holds text tokens, not a token map
 
 
 @dataclass(frozen=True)
 class Summary:
-    """``str()`` gives a table; ``flop_ratio`` is patched / unpatched FLOPs of the transformer blocks and its
-    heads (the logits head, HART's diffusion head), without the image decoder."""
+    """``str()`` gives a table. ``flop_ratio`` is patched / unpatched FLOPs of the transformer blocks and
+    heads (the logits head, HART's diffusion head); ``whole_call_flop_ratio`` adds the image decoder, which
+    no schedule changes. Memory is for ``batch`` images with guidance's two rows each, cached in a dtype of
+    ``element_size`` bytes."""
 
     family: str
     preset: str | None
     depth: int
     rows: tuple[ScaleRow, ...]
+    batch: int = 1
+    element_size: int = 4
+    decoder_flops: float | None = None  # per image
 
     @property
     def flop_ratio(self) -> float:
         return sum(r.flops for r in self.rows) / sum(r.baseline_flops for r in self.rows)
 
+    @property
+    def whole_call_flop_ratio(self) -> float | None:
+        """(transformer + decoder) patched over unpatched; None without a decoder."""
+        if self.decoder_flops is None:
+            return None
+        return ((sum(r.flops for r in self.rows) + self.decoder_flops)
+                / (sum(r.baseline_flops for r in self.rows) + self.decoder_flops))
+
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache of one call (allocated at its start)."""
+        return sum(r.kv_bytes for r in self.rows)
+
+    @property
+    def baseline_kv_bytes(self) -> int:
+        return sum(r.baseline_kv_bytes for r in self.rows)
+
+    @property
+    def branch_bytes(self) -> int:
+        """The most cached branch outputs held at once."""
+        return max(r.branch_bytes for r in self.rows)
+
     @classmethod
-    def of(cls, family: str, preset: str | None, schedule: Schedule, cost: CostModel) -> Summary:
-        patched, baseline = cost.schedule_flops(schedule, True), cost.schedule_flops(schedule, False)
+    def of(cls, family: str, preset: str | None, schedule: Schedule, cost: CostModel, batch: int = 1,
+           element_size: int = 4, decoder_flops: float | None = None) -> Summary:
+        rows = [2 if si < schedule.guided else 1 for si in range(len(schedule.tokens))]  # CFG rows per image
+        patched = [f * r for f, r in zip(cost.schedule_flops(schedule, True), rows)]
+        baseline = [2 * f for f in cost.schedule_flops(schedule, False)]
+        per_token = 2 * batch * cost.width * element_size  # one token of one block, both CFG rows (the buffer's)
+        cache, last = schedule.cache_scale, schedule.last_pruned
+        held = 0 if cache is None else schedule.tokens[cache] * per_token * cost.branches * len(schedule.layers)
         rows = tuple(
             ScaleRow(si, schedule.shapes[si], n, schedule.keep[si] if schedule.layers else None,
                      len(schedule.layers) if schedule.keep[si] is not None else 0, si >= schedule.executed,
-                     si == schedule.cache_scale, patched[si], baseline[si], si < schedule.text_scales)
+                     si == cache, patched[si], baseline[si], si < schedule.guided,
+                     2 * per_token * sum(schedule.tokens_run(si, layer) for layer in range(schedule.depth))
+                     if si < schedule.executed - 1 else 0,
+                     2 * per_token * n * schedule.depth if si < len(schedule.tokens) - 1 else 0,
+                     held if cache is not None and cache < si <= last else 0,
+                     si < schedule.text_scales)
             for si, n in enumerate(schedule.tokens)
         )
-        return cls(family, preset, schedule.depth, rows)
+        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops)
 
     def __str__(self) -> str:
         name = f" preset {self.preset!r}" if self.preset else ""
         lines = [f"fastvar {self.family}{name}: {self.depth} blocks, ideal FLOP ratio {self.flop_ratio:.3f} "
-                 f"({1 / self.flop_ratio:.2f}x fewer FLOPs)",
-                 f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6}"]
+                 f"({1 / self.flop_ratio:.2f}x fewer FLOPs)"]
+        if self.decoder_flops is not None:
+            lines.append(f"whole call with the image decoder: ideal FLOP ratio {self.whole_call_flop_ratio:.3f}")
+        unguided = [r for r in self.rows if not r.guided and not r.skipped]
+        if unguided:
+            first = unguided[0]
+            lines.append(f"guidance off from scale {first.index} ({first.shape[0]}x{first.shape[1]}): the conditional "
+                         "rows only, half the FLOPs there")
+        mib = 2**20
+        lines.append(f"KV cache {self.kv_bytes / mib:.1f} MiB (unpatched {self.baseline_kv_bytes / mib:.1f} MiB), "
+                     f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {self.batch} image(s) with "
+                     f"guidance, {self.element_size}-byte values")
+        lines.append(f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
+                     f"{'KV MiB':>7}")
         for r in self.rows:
             if r.skipped:
                 run = "skipped"
@@ -103,7 +177,9 @@ class Summary:
                     run += f", {r.tokens} in the other {self.depth - r.pruning_blocks}"
             else:
                 run = f"{r.tokens} (all)" + (", cached" if r.cached else "")
+            if not r.guided and not r.skipped:
+                run += ", no guidance"
             shape = f"{'text':>9}" if r.text else f"{r.shape[0]:>4}x{r.shape[1]:<4}"
             lines.append(f"{r.index:>5} {shape} {r.tokens:>7}  {run:<46} "
-                         f"{r.flops / max(r.baseline_flops, 1):>6.2f}")
+                         f"{r.flops / max(r.baseline_flops, 1):>6.2f} {r.kv_bytes / mib:>7.2f}")
         return "\n".join(lines)

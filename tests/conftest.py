@@ -262,6 +262,13 @@ def tiny_official(monkeypatch):
     monkeypatch.setattr(fastvar.pipelines.hart, "build", tiny_hart_build)
 
 
+def attended_keys(attention: torch.nn.Module, x: torch.Tensor) -> int:
+    """Keys the attention module just attended to: those its cache stores, and the last scale's, which
+    it attends to without storing."""
+    cache = attention.kv_cache
+    return cache.length + (x.shape[1] if cache.finished else 0)
+
+
 def random_state(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """The module's state dict with every float tensor redrawn, so a load visibly changes the module."""
     g = torch.Generator().manual_seed(seed)

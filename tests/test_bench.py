@@ -34,3 +34,18 @@ def test_benchmark_times_each_variant_and_leaves_the_model_unpatched():
     assert table[0] == "title" and next(line for line in table if line.split()[0] == "4").split()[-1] == "skipped"
     speedups = next(line for line in table if line.strip().startswith("speedup (min)")).split()[2:]
     assert speedups[0] == "1.00x" and float(speedups[2][:-1]) == round(results[0].total_min / results[2].total_min, 2)
+
+
+def test_bench_writes_json(tmp_path, tiny_official, capsys):
+    import json
+
+    from fastvar import cli
+
+    out = tmp_path / "var.json"
+    cli.main(["bench", "var", "--random-weights", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["family"] == "var" and data["torch"] and data["device"].startswith("cpu")
+    assert [v["name"] for v in data["variants"]] == ["baseline", "default", "default-unguided-last", "none"]
+    base, default = data["variants"][:2]
+    assert base["speedup_min"] == 1.0 and default["speedup_min"] == base["total_min_s"] / default["total_min_s"]
+    assert default["flop_ratio"] < 1 and default["peak_memory_bytes"] is None

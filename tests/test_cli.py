@@ -99,7 +99,8 @@ def test_generate_loads_official_files_given_by_flags(tmp_path, tiny_official, h
     (["generate", "var", "--class", "dog"], r"argument --class: invalid int value: 'dog'"),
     (["bench", "var", "--repeats", "0"], r"argument --repeats: must be >= 1, got 0"),
     (["bench", "var", "--batch", "0"], r"argument --batch: must be >= 1, got 0"),
-    (["bench", "var", "--preset", "fast"], r"unknown var preset\(s\) \['fast'\]; available: \['default', 'none'\]"),
+    (["bench", "var", "--preset", "fast"],
+     r"unknown var preset\(s\) \['fast'\]; available: \['default', 'default-unguided-last', 'none'\]"),
     (["generate", "llama"], r"argument family: invalid choice: 'llama'"),
 ])
 def test_mistakes_are_one_error_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch, argv, expected):
@@ -142,11 +143,11 @@ def test_missing_corrupt_and_mismatched_weights_are_one_error_line(tmp_path, tin
 def test_bench_prints_a_line_per_run_and_the_spread(tiny_official, capsys):
     cli.main(["bench", "var", "--random-weights", "--repeats", "2", "--warmup", "0"])
     captured = capsys.readouterr()
-    assert captured.err.count("repeat ") == 2 * 3 and "repeat 2/2: default" in captured.err
+    assert captured.err.count("repeat ") == 2 * 4 and "repeat 2/2: default" in captured.err
     out = captured.out
     assert "VAR d2 96px batch 1 fp32 on cpu" in out and "2 alternated runs after 0 warm-up" in out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
-    assert header.split()[-3:] == ["baseline", "default", "none"]
+    assert header.split()[-4:] == ["baseline", "default", "default-unguided-last", "none"]
     assert sum(line.split()[0].isdigit() for line in out.splitlines()[2:]) == 5
     for label in ("total min ms", "total median ms", "speedup (min)", "speedup (median)"):
         assert any(line.strip().startswith(label) for line in out.splitlines()), label
@@ -183,7 +184,19 @@ def test_generate_and_bench_hart(tmp_path, tiny_official, capsys):
     cli.main(["bench", "hart", "--random-weights", "--repeats", "1", "--warmup", "0", "--batch", "2"])
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("scale"))
-    assert header.split()[-4:] == ["baseline", "paper", "skip-last", "none"]
+    assert header.split()[-5:] == ["baseline", "paper", "skip-last", "paper-unguided-last", "none"]
     assert "HART width 64, 2 blocks, 9 scales batch 2" in out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert len(rows) == 9 and rows[-1][-2] == "skipped"  # skip-last leaves out the last scale
+    assert len(rows) == 9 and rows[-1][-3] == "skipped"  # skip-last leaves out the last scale
+
+
+def test_generate_with_offload_makes_the_same_image(tmp_path, tiny_official, monkeypatch):
+    enabled = []
+    original = VARPipeline.enable_model_cpu_offload
+    monkeypatch.setattr(VARPipeline, "enable_model_cpu_offload", lambda self, device: enabled.append(device) or
+                        original(self, device))
+    cli.main(["generate", "var", "--random-weights", "--offload", "--device", "cpu", "--class", "5", "--out",
+              str(tmp_path / "x.png")])
+    assert enabled == ["cpu"]
+    expected = VARPipeline.random(16)([5], seed=0, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), np.asarray(expected))

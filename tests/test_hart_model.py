@@ -240,9 +240,9 @@ def test_attention_caches_the_keys_of_the_tokens_it_ran():
     attn.kv_caching(True)
     attn(x[:, first], rope[:, :, first])
     out = attn(x[:, second], rope[:, :, second])
-    assert attn.cached_k.shape[2] == attn.cached_v.shape[2] == len(first) + len(second)
+    assert attn.kv_cache.length == attn.kv_cache.k.shape[2] == len(first) + len(second)
     attn.kv_caching(False)
-    assert attn.cached_k is None
+    assert attn.kv_cache is None
     both = torch.cat((first, second))
     torch.testing.assert_close(out, attn(x[:, both], rope[:, :, both])[:, len(first) :], atol=1e-5, rtol=1e-5)
 

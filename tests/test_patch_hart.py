@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HartReference, hart_text, tiny_hart
+from conftest import HartReference, attended_keys, hart_text, tiny_hart
 
 import fastvar
 import fastvar.models.hart as hart_module
@@ -100,7 +100,7 @@ def test_paper_preset_reproduces_the_official_fastvar_hart_code(reference, monke
     model, _ = reference.build()
     fastvar.patch(model, "paper")
     kv_lengths = []
-    model.blocks[0].attn.register_forward_hook(lambda m, a, out: kv_lengths.append(m.cached_k.shape[2]))
+    model.blocks[0].attn.register_forward_hook(lambda m, a, out: kv_lengths.append(attended_keys(m, a[0])))
     outputs = reference.fastvar_outputs
     for case in (c for c in reference.cases if c["run_fastvar"]):
         name = case["name"]
@@ -171,7 +171,7 @@ def test_only_kept_tokens_enter_the_kv_cache():
     schedule = model._fastvar.schedule
     lengths = {layer: [] for layer in range(2)}
     for layer, block in enumerate(model.blocks):
-        block.attn.register_forward_hook(lambda m, a, out, layer=layer: lengths[layer].append(m.cached_k.shape[2]))
+        block.attn.register_forward_hook(lambda m, a, out, layer=layer: lengths[layer].append(attended_keys(m, a[0])))
     model.autoregressive_infer_cfg(**hart_text([3, 5]), g_seed=1, cfg=2.0)
     for layer in range(2):
         run = [schedule.tokens_run(si, layer) for si in range(len(schedule.tokens))]

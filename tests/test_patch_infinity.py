@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_text, tiny_infinity
+from conftest import attended_keys, random_text, tiny_infinity
 
 import fastvar
 import fastvar.models.infinity as infinity_module
@@ -38,7 +38,7 @@ def record_branch_tokens(model):
             getattr(block, name).register_forward_hook(
                 lambda m, args, out, key=(layer, name): seen.setdefault(key, []).append(args[0].shape[1]))
         block.sa.register_forward_hook(
-            lambda m, args, out, layer=layer: seen.setdefault((layer, "kv"), []).append(m.cached_k.shape[2]))
+            lambda m, args, out, layer=layer: seen.setdefault((layer, "kv"), []).append(attended_keys(m, args[0])))
     return seen
 
 

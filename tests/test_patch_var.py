@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_var
+from conftest import attended_keys, tiny_var
 from torch import nn
 
 import fastvar
@@ -65,7 +65,7 @@ def record_attention_calls(var):
     calls = [[] for _ in var.blocks]
     for layer, block in enumerate(var.blocks):
         block.attn.register_forward_hook(
-            lambda m, args, out, layer=layer: calls[layer].append((args[0].shape[1], m.cached_k.shape[2]))
+            lambda m, args, out, layer=layer: calls[layer].append((args[0].shape[1], attended_keys(m, args[0])))
         )
     return calls
 
@@ -167,7 +167,8 @@ def test_summary_reports_pruning_skipping_and_flops(var):
 def test_unsupported_models_and_configs_raise(var):
     with pytest.raises(TypeError, match=r"cannot patch this Linear: supported families are var \(a class named VAR"):
         fastvar.patch(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="unknown var preset 'paper'; available: \\['default', 'none'\\]"):
+    with pytest.raises(ValueError, match=r"unknown var preset 'paper'; available: "
+                                         r"\['default', 'default-unguided-last', 'none'\]"):
         fastvar.patch(var, "paper")
     with pytest.raises(ValueError, match="layer 3 does not exist: the model has 3 blocks"):
         fastvar.patch(var, layers=[3])

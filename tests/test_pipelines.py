@@ -309,3 +309,22 @@ def test_a_patched_model_refuses_pickling_with_advice(var_pipe):
         pickle.dumps(var)
     fastvar.unpatch(var)
     assert type(pickle.loads(pickle.dumps(var))).__name__ == "VAR"
+
+
+def test_model_offload_moves_each_module_only_while_it_works(tiny_official, monkeypatch):
+    pipe = InfinityPipeline.random()
+    expected = pipe("a cat", seed=1, size=(256, 256), top_k=2, progress=False)
+    assert pipe.enable_model_cpu_offload("cpu") is pipe and pipe.device == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="already on"):
+        pipe.enable_model_cpu_offload("cpu")
+    names = {id(pipe.transformer): "transformer", id(pipe.vae): "vae", id(pipe.vae.quantizer): "quantizer"}
+    moves, to = [], torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(names.get(id(self))) or to(
+        self, *a, **k))
+    images = pipe("a cat", seed=1, size=(256, 256), top_k=2, progress=False)
+    assert [m for m in moves if m] == ["transformer", "quantizer", "transformer", "quantizer", "vae", "vae"]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(expected[0]))
+    moves.clear()
+    pipe.to("cpu")  # offload off: nothing moves during a call
+    pipe("a cat", seed=1, size=(256, 256), top_k=2, progress=False)
+    assert [m for m in moves if m] == ["transformer", "vae"]  # those of to() itself

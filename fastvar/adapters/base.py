@@ -42,6 +42,17 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
+    def decoder(model: nn.Module) -> nn.Module | None:
+        """The image decoder the model's sampling call runs, if the model holds it."""
+        vae = getattr(model, "vae_proxy", None)
+        return None if vae is None else vae[0].decoder
+
+    @staticmethod
+    def latent_shape(model: nn.Module, last_scale: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the decoder's latent for a last scale of ``last_scale``."""
+        return last_scale
+
+    @staticmethod
     def block_class(parent: type) -> type:
         """A subclass of the block class whose forward applies the shared FastVAR state."""
         raise NotImplementedError

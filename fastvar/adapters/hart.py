@@ -8,6 +8,7 @@ from torch import nn
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.hart import generate
+from fastvar.models.kv_cache import reserve_kv
 from fastvar.summary import CostModel
 
 REQUIRED = ("patch_nums", "blocks", "context_token", "diffloss", "autoregressive_infer_cfg")
@@ -29,6 +30,8 @@ def make_block_class(parent: type) -> type:
         def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
             si = state.scale_of(x.shape[1])
+            if si == 0:  # the cache holds only the tokens this block will run
+                reserve_kv(self.attn, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
                 return super().forward(x, rope)
 
@@ -52,7 +55,8 @@ def make_root_class(parent: type) -> type:
             belongs to the last scale) and the image is decoded from what the earlier scales accumulated."""
             state = self._fastvar
             try:
-                return generate(self, *args, num_scales=state.schedule.executed, **kwargs)
+                return generate(self, *args, num_scales=state.schedule.executed, guided_scales=state.schedule.guided,
+                                **kwargs)
             finally:
                 state.release()
 
@@ -79,6 +83,8 @@ class HartAdapter(Adapter):
         # Not official: the paper's pruning of the 48x48 scale, and the 64x64 scale (with the diffusion head
         # that refines it) skipped.
         "skip-last": FastVARConfig(prune={-2: 0.5}, skip_last=1),
+        # Not official: the paper's pruning, and the 64x64 scale (diffusion head included) without guidance.
+        "paper-unguided-last": FastVARConfig(prune={-2: 0.5, -1: 0.75}, guidance_off_from=-1),
         "none": FastVARConfig(),
     }
 

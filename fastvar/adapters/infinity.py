@@ -10,6 +10,7 @@ from torch import nn
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.infinity import TEMPLATE_SCALES, ada_layer_norm
+from fastvar.models.kv_cache import reserve_kv
 from fastvar.summary import CostModel
 
 REQUIRED = ("unregistered_blocks", "autoregressive_infer_cfg", "lvl_embed", "word_embed")
@@ -31,6 +32,8 @@ def make_block_class(parent: type) -> type:
         def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: tuple, rope: torch.Tensor) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
             si = state.scale_of(x.shape[1])
+            if si == 0:  # the cache holds only the tokens this block will run
+                reserve_kv(self.sa, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
                 return super().forward(x, cond_BD, ca_kv, rope)
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)
@@ -110,6 +113,11 @@ def make_root_class(parent: type) -> type:
             schedule = call.arguments["scale_schedule"]
             state.set_shapes([(h, w) for _, h, w in schedule], len(self.unregistered_blocks))
             call.arguments["trunk_scale"] = min(call.arguments.get("trunk_scale", 1000), state.schedule.executed)
+            if state.schedule.guided < len(schedule):
+                if "guided_scales" not in inspect.signature(super().autoregressive_infer_cfg).parameters:
+                    raise ValueError("turning guidance off at late scales needs fastvar's Infinity "
+                                     "(fastvar.models.infinity); the upstream object cannot drop the CFG rows")
+                call.arguments["guided_scales"] = state.schedule.guided
             try:
                 return super().autoregressive_infer_cfg(*call.args, **call.kwargs)
             finally:
@@ -130,6 +138,9 @@ class InfinityAdapter(Adapter):
         "prune-only": FastVARConfig(prune={-4: 0.4, -3: 0.5}, layers=official_layers),
         # Its skipping alone ("100% pruning" of the last two scales).
         "skip-only": FastVARConfig(skip_last=2),
+        # Not official: the paper's schedule with its last executed scale (40x40) run without guidance.
+        "paper-unguided-last": FastVARConfig(prune={-4: 0.4, -3: 0.5}, skip_last=2, layers=official_layers,
+                                             guidance_off_from=-3),
         "none": FastVARConfig(),
     }
 
@@ -149,7 +160,16 @@ class InfinityAdapter(Adapter):
     def cost_model(model: nn.Module) -> CostModel:
         block = model.unregistered_blocks[0]
         return CostModel(width=model.C, mlp_hidden=block.ffn.fc1.out_features, head_out=model.V,
-                         context=TYPICAL_PROMPT_TOKENS)
+                         context=TYPICAL_PROMPT_TOKENS, branches=3)
+
+    @staticmethod
+    def decoder(model: nn.Module) -> nn.Module | None:
+        return None  # the VAE is passed to each sampling call, not held by the model
+
+    @staticmethod
+    def latent_shape(model: nn.Module, last_scale: tuple[int, int]) -> tuple[int, int]:
+        factor = 2 if getattr(model, "apply_spatial_patchify", 0) else 1  # the 8B's tokens are 2x2 latent pixels
+        return last_scale[0] * factor, last_scale[1] * factor
 
     block_class = staticmethod(make_any_block_class)
     root_class = staticmethod(make_root_class)

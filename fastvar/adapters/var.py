@@ -7,6 +7,7 @@ from torch import nn
 
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
+from fastvar.models.kv_cache import reserve_kv
 from fastvar.models.var import generate
 from fastvar.summary import CostModel
 
@@ -31,6 +32,8 @@ def make_block_class(parent: type) -> type:
         def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
             si = state.scale_of(x.shape[1]) if attn_bias is None else None
+            if si == 0:  # the cache holds only the tokens this block will run
+                reserve_kv(self.attn, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
                 return super().forward(x, cond_BD, attn_bias)
             gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_ln_chunks(self, cond_BD)
@@ -52,12 +55,13 @@ def make_root_class(parent: type) -> type:
         @torch.no_grad()
         def autoregressive_infer_cfg(self, *args, **kwargs) -> torch.Tensor:
             """Sampling as unpatched; skipped final scales are not run and the image is decoded
-            from what the earlier scales accumulated."""
-            state = self._fastvar
+            from what the earlier scales accumulated; scales without guidance run the conditional rows."""
+            state, K = self._fastvar, len(self.patch_nums)
             try:
-                if state.schedule.executed == len(self.patch_nums):
+                if state.schedule.executed == K and state.schedule.guided == K:
                     return super().autoregressive_infer_cfg(*args, **kwargs)
-                return generate(self, *args, num_scales=state.schedule.executed, **kwargs)
+                return generate(self, *args, num_scales=state.schedule.executed, guided_scales=state.schedule.guided,
+                                **kwargs)
             finally:
                 state.release()
 
@@ -71,6 +75,8 @@ class VarAdapter(Adapter):
         # No official VAR schedule exists: prune the last two scales as the official Infinity
         # schedule prunes its last two executed ones (40% and 50%), keep every scale.
         "default": FastVARConfig(prune={-2: 0.4, -1: 0.5}),
+        # Not official: the same pruning, and the last scale run without guidance (the conditional rows only).
+        "default-unguided-last": FastVARConfig(prune={-2: 0.4, -1: 0.5}, guidance_off_from=-1),
         "none": FastVARConfig(),
     }
 

@@ -156,8 +156,10 @@ class IDDPMSampler:
     def coefficient(self, name: str, i: int, device: torch.device) -> torch.Tensor:
         return torch.tensor(self.coefficients[name][i], device=device).float()
 
-    def sample(self, model, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise ``noise`` (N, C) through every kept step; ``model(x, t)`` returns (N, 2C)."""
+    def sample(self, model, noise: torch.Tensor, generator: torch.Generator | None = None,
+               draw_rows: int | None = None) -> torch.Tensor:
+        """Denoise ``noise`` (N, C) through every kept step; ``model(x, t)`` returns (N, 2C). Each step's
+        noise is drawn for ``draw_rows`` rows (default N), of which the first N are used."""
         x, C = noise, noise.shape[1]
         for i in reversed(range(len(self.timestep_map))):
             c = {name: self.coefficient(name, i, x.device) for name in self.coefficients}
@@ -167,7 +169,7 @@ class IDDPMSampler:
             log_variance = frac * c["max_log"] + (1 - frac) * c["min_log"]
             x0 = (c["recip"] * x - c["recipm1"] * eps).clamp(-1, 1)
             mean = c["mean_x0"] * x0 + c["mean_xt"] * x
-            step_noise = draw_normal(x.shape, x.device, generator)  # drawn at t = 0 too, and unused there
+            step_noise = draw_normal((draw_rows or x.shape[0], C), x.device, generator)[: x.shape[0]]  # at t = 0 too
             x = mean + float(i != 0) * torch.exp(0.5 * log_variance) * step_noise
         return x
 
@@ -208,3 +210,11 @@ class DiffusionHead(nn.Module):
             def model(x, t):
                 return self.net(x, t, z)
         return self.sampler.sample(model, noise, generator) * VAE_SCALE
+
+    def sample_conditional(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Residuals (N, C) for conditional rows ``z`` alone, as the guided ``sample`` makes them at guidance
+        weight 0, and from the same draws: the initial noise of N rows, and each step's drawn for the doubled
+        batch (whose first half the conditional rows use)."""
+        noise = draw_normal((z.shape[0], self.in_channels), torch.device("cpu"), generator).to(z.device)
+        denoised = self.sampler.sample(lambda x, t: self.net(x, t, z), noise, generator, draw_rows=2 * z.shape[0])
+        return denoised * VAE_SCALE

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fastvar.attention import attention
 from fastvar.models.diffusion import DiffusionHead
+from fastvar.models.kv_cache import KVCache
 from fastvar.models.sampling import generator_on, sample_with_top_k_top_p_
 from fastvar.models.var import PATCH_NUMS_256, VQVAE, VectorQuantizer2, gumbel_softmax
 
@@ -184,10 +185,11 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.using_flash = flash_if_available
-        self.caching, self.cached_k, self.cached_v = False, None, None
+        self.kv_cache: KVCache | None = None
 
-    def kv_caching(self, enable: bool) -> None:
-        self.caching, self.cached_k, self.cached_v = enable, None, None
+    def kv_caching(self, enable: bool, capacity: int | None = None) -> None:
+        """Start caching keys and values (for ``capacity`` tokens, if known), or stop and free the cache."""
+        self.kv_cache = KVCache(capacity) if enable else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """x (B, L, C); ``rope`` (2, B or 1, L, head_dim): cos, sin of exactly the tokens of x."""
@@ -200,10 +202,8 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         q, k = apply_rope(q, k, rope.to(v.dtype))
         q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the l2-norm temperature promotes q to float32
-        if self.caching:
-            if self.cached_k is not None:
-                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
-            self.cached_k, self.cached_v = k, v
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.append(k, v)
         return self.proj(attention(q, k, v, scale=self.scale, use_flash=self.using_flash))
 
 
@@ -343,9 +343,13 @@ class HART(nn.Module):
     def diffusion_residual(self, x: torch.Tensor, idx_Bl: torch.Tensor, cfg: float,
                            generator: torch.Generator | None) -> torch.Tensor:
         """Continuous residual (B, l, Cvae) of the last scale's tokens, conditioned on the last block's
-        output ``x`` (2B, l, C) plus the embedding of the sampled discrete tokens."""
+        output ``x`` plus the embedding of the sampled discrete tokens. ``x`` holds both CFG halves (2B, l, C),
+        or the conditional rows alone (B, l, C) when guidance is off: their residual at guidance weight 0."""
         B = idx_Bl.shape[0]
         discrete = self.word_embed(self.vae_quant_proxy[0].embedding(idx_Bl))
+        if x.shape[0] == B:
+            cond = self.decoder_norm(x + discrete).reshape(-1, self.C)
+            return self.diffloss.sample_conditional(cond, generator=generator).view(B, -1, self.Cvae)
         cond = self.decoder_norm(x + torch.cat((discrete, discrete)))
         residual = self.diffloss.sample(cond.reshape(-1, self.C), cfg=cfg, generator=generator)
         return residual.view(2 * B, -1, self.Cvae)[:B]
@@ -407,9 +411,12 @@ def generate(
     top_p: float = 0.0, more_smooth: bool = False, context_position_ids: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None, final_stage: int = 0, num_maskgit_iters: int = 1, *,
     generator: torch.Generator | None = None, progress: bool = False, num_scales: int | None = None,
+    guided_scales: int | None = None,
 ) -> torch.Tensor:
     """The HART sampling loop (``HART.autoregressive_infer_cfg``). ``num_scales`` < K runs only the
-    first scales and decodes what they accumulated (scale skipping: no diffusion residual then)."""
+    first scales and decodes what they accumulated (scale skipping: no diffusion residual then). From
+    scale ``guided_scales`` on only the conditional rows run, at guidance weight 0 (the diffusion head's
+    too), drawing the same random numbers as with guidance."""
     hart.check_call(B, label_B, context_position_ids, context_mask, final_stage, num_maskgit_iters)
     K, final_pn = len(hart.patch_nums), hart.patch_nums[-1]
     num_scales = K if num_scales is None else num_scales
@@ -425,20 +432,25 @@ def generate(
     begin = hart.context_token
     f_hat = sos.new_zeros(B, hart.Cvae, final_pn, final_pn)
 
+    scale_tokens = [hart.context_token] + [pn * pn for pn in hart.patch_nums[1:]]
     for block in hart.blocks:
-        block.attn.kv_caching(True)
+        block.attn.kv_caching(True, capacity=sum(scale_tokens[: num_scales - 1]))  # the last scale is not stored
     bar = tqdm(total=num_scales + 1, desc="scales", disable=not progress, leave=False)  # the scales, then decoding
+    guided_scales = K if guided_scales is None else guided_scales
     for si in range(num_scales):
         pn = hart.patch_nums[si]
         if si < K - 1:  # the last scale keeps the previous scale's ratio
             ratio = si / (K - 1)
+        if si == guided_scales:  # the unconditional rows stop here
+            x, cond_BTD, positions, offsets = x[:B], cond_BTD[:B], positions[:B], offsets[:B]
         rope = context_rope(positions, hart.head_dim) if si == 0 else image_rope(pn, final_pn, offsets,
                                                                                   hart.head_dim)
         for block in hart.blocks:
             x = block(x, rope)
         logits = hart.get_logits(x, cond_BTD)
-        t = cfg * ratio
-        logits = (1 + t) * logits[:B] - t * logits[B:]
+        t = cfg * ratio if si < guided_scales else 0.0
+        if si < guided_scales:
+            logits = (1 + t) * logits[:B] - t * logits[B:]
         if si == 0:  # the first map is predicted from the last text row
             logits = logits[:, [-1], :]
         idx = sample_with_top_k_top_p_(logits, top_k=600 if si < 7 else 300, top_p=top_p, rng=rng)
@@ -454,7 +466,8 @@ def generate(
         if si < num_scales - 1:
             n = hart.patch_nums[si + 1] ** 2
             x = hart.word_embed(next_map.view(B, hart.Cvae, -1).transpose(1, 2)) + lvl_pos[:, begin : begin + n]
-            x = x.repeat(2, 1, 1)  # both CFG halves get the same input
+            if si + 1 < guided_scales:
+                x = x.repeat(2, 1, 1)  # both CFG halves get the same input
             begin += n
         bar.update()
     for block in hart.blocks:

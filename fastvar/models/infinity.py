@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastvar.models.bsq_vae import BSQVAE, official_vae
+from fastvar.models.kv_cache import KVCache
 from fastvar.models.sampling import check_sampling, generator_on, sample_with_top_k_top_p_
 
 # ----------------------------------------------------------------------------- scale schedules
@@ -160,10 +161,11 @@ class SelfAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.caching, self.cached_k, self.cached_v = False, None, None
+        self.kv_cache: KVCache | None = None
 
-    def kv_caching(self, enable: bool) -> None:
-        self.caching, self.cached_k, self.cached_v = enable, None, None
+    def kv_caching(self, enable: bool, capacity: int | None = None) -> None:
+        """Start caching keys and values (for ``capacity`` tokens, if known), or stop and free the cache."""
+        self.kv_cache = KVCache(capacity) if enable else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -174,10 +176,8 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
         q, k = apply_rope(q, k, rope)
         v = v.contiguous()
-        if self.caching:
-            if self.cached_k is not None:
-                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
-            self.cached_k, self.cached_v = k, v
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -389,13 +389,15 @@ class Infinity(nn.Module):
         cfg_list: Sequence[float] = (), tau_list: Sequence[float] = (), top_k: int = 0, top_p: float = 0.0,
         cfg_insertion_layer: Sequence[int] = (0,), vae_type: int = 0, ret_img: bool = False, trunk_scale: int = 1000,
         gt_leak: int = 0, gt_ls_Bl: Sequence[torch.Tensor] | None = None, progress: bool = False,
-        on_scale_logits=None, **official_options,
+        on_scale_logits=None, guided_scales: int | None = None, **official_options,
     ):
         """The official sampling call. cfg_list / tau_list: guidance and temperature per scale.
         cfg_insertion_layer: 0 mixes CFG on the logits, a negative i on the output of block depth+i.
         trunk_scale: only the scales before it run; the image is decoded from what they accumulated.
         gt_leak / gt_ls_Bl: the bits (B, h, w, d) of the first ``gt_leak`` scales are given instead of
         sampled (teacher forcing). ``on_scale_logits(si, logits)`` sees the logits handed to the sampler.
+        From scale ``guided_scales`` on the unconditional rows are not run: those scales take the cfg-1
+        path (the conditional logits alone) at half the batch.
 
         Returns ``([], bits, out)``: the (B, h, w, d) bits of every executed scale, and the image as
         upstream returns it (uint8 (B, H, W, 3), BGR) when ``ret_img``, else the codes (B, d, 1, H, W).
@@ -427,11 +429,15 @@ class Infinity(nn.Module):
         summed_codes, begin, bits_list = 0, 0, []
 
         for block in blocks:
-            block.sa.kv_caching(True)
+            block.sa.kv_caching(True, capacity=sum(t * h * w for t, h, w in scale_schedule[:num_scales - 1]))
         scales = tqdm(range(num_scales), desc="scales", leave=False) if progress else range(num_scales)
         for si in scales:
             t, h, w = scale_schedule[si]
-            cfg, n = cfg_list[si], t * h * w
+            if si == guided_scales and rows > B:  # the unconditional rows stop here
+                rows, x, cond, cond_BD = B, x[:B], cond[:B], cond_BD[:B]
+                kv, cu_seqlens_k, max_seqlen_k = ca_kv
+                ca_kv = (kv[: cu_seqlens_k[B]], cu_seqlens_k[: B + 1], max_seqlen_k)
+            cfg, n = (cfg_list[si] if rows > B else 1), t * h * w
             x[:, :n] += self.lvl_embed(torch.full((rows, n), si, dtype=torch.int, device=device))
             scale_rope = rope[:, begin : begin + n]
             for layer, block in enumerate(blocks):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastvar.attention import attention
+from fastvar.models.kv_cache import KVCache, reserve_kv
 from fastvar.models.sampling import check_sampling, generator_on, sample_with_top_k_top_p_
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -278,10 +279,11 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.using_flash = flash_if_available
-        self.caching, self.cached_k, self.cached_v = False, None, None
+        self.kv_cache: KVCache | None = None
 
-    def kv_caching(self, enable: bool) -> None:
-        self.caching, self.cached_k, self.cached_v = enable, None, None
+    def kv_caching(self, enable: bool, capacity: int | None = None) -> None:
+        """Start caching keys and values (for ``capacity`` tokens, if known), or stop and free the cache."""
+        self.kv_cache = KVCache(capacity) if enable else None
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
@@ -291,10 +293,8 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
-        if self.caching:
-            if self.cached_k is not None:
-                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
-            self.cached_k, self.cached_v = k, v
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.append(k, v)
         out = attention(q, k, v, scale=self.scale, mask=attn_bias, use_flash=self.using_flash)
         return self.proj(out)
 
@@ -483,17 +483,23 @@ def check_labels(label_B: torch.Tensor | int | None, B: int, num_classes: int) -
 def generate(
     var: nn.Module, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None, cfg: float = 1.5,
     top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, num_scales: int | None = None,
-    progress: bool = False,
+    progress: bool = False, guided_scales: int | None = None,
 ) -> torch.Tensor:
     """The VAR sampling loop, on fastvar's VAR or the upstream object (same attributes).
 
     ``num_scales`` < K runs only the first scales and decodes what they accumulated (scale skipping).
+    From scale ``guided_scales`` on only the conditional rows run, sampled from their own logits (guidance
+    weight 0); that needs fastvar's attention, whose cache continues the conditional rows.
     One generator seeded with ``g_seed`` feeds, per scale, the token draw then the Gumbel draw.
     """
     check_sampling(B, top_k, top_p, cfg)
     check_labels(label_B, B, var.num_classes)
     K = len(var.patch_nums)
     num_scales = K if num_scales is None else num_scales
+    guided_scales = K if guided_scales is None else guided_scales
+    if guided_scales < num_scales and not all(isinstance(b.attn, SelfAttention) for b in var.blocks):
+        raise ValueError("turning guidance off at late scales needs fastvar's VAR (fastvar.models.var), whose KV "
+                         "cache goes on with the conditional rows alone; this model's attention is not fastvar's")
     device = var.lvl_1L.device
     rng = None if g_seed is None else generator_on(var, device).manual_seed(g_seed)
     if label_B is None:
@@ -514,16 +520,20 @@ def generate(
 
     for block in var.blocks:
         block.attn.kv_caching(True)
+        reserve_kv(block.attn, sum(pn * pn for pn in var.patch_nums[:num_scales - 1]))
     bar = tqdm(total=num_scales + 1, desc="scales", disable=not progress, leave=False)  # the scales, then decoding
     for si in range(num_scales):
         pn, ratio = var.patch_nums[si], si / (K - 1)
         begin += pn * pn
+        if si == guided_scales:  # the unconditional rows stop here
+            x, cond_BD = x[:B], cond_BD[:B]
         cond = var.shared_ada_lin(cond_BD)
         for block in var.blocks:
             x = block(x=x, cond_BD=cond, attn_bias=None)
         logits = var.get_logits(x, cond_BD)
-        t = cfg * ratio
-        logits = (1 + t) * logits[:B] - t * logits[B:]
+        if si < guided_scales:
+            t = cfg * ratio
+            logits = (1 + t) * logits[:B] - t * logits[B:]
         idx = sample_with_top_k_top_p_(logits, top_k=top_k, top_p=top_p, rng=rng)
         if more_smooth:  # the soft, Gumbel-weighted codebook mix; idx is drawn but unused
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
@@ -535,7 +545,8 @@ def generate(
         if si + 1 < num_scales:
             nxt = var.patch_nums[si + 1]
             x = var.word_embed(next_map.view(B, var.Cvae, -1).transpose(1, 2)) + lvl_pos[:, begin : begin + nxt * nxt]
-            x = x.repeat(2, 1, 1)  # both CFG halves get the same input
+            if si + 1 < guided_scales:
+                x = x.repeat(2, 1, 1)  # both CFG halves get the same input
         bar.update()
     for block in var.blocks:
         block.attn.kv_caching(False)

@@ -60,9 +60,12 @@ class Pipeline:
             raise ValueError(f"dtype {dtype!r} is not supported for {cls.family}; supported: {names}")
         return resolved
 
+    offload_device: torch.device | None = None  # set by enable_model_cpu_offload
+
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where generation runs (with offload: where each module goes while it works)."""
+        return self.offload_device or next(self.transformer.parameters()).device
 
     def modules(self) -> dict[str, nn.Module]:
         """The pipeline's torch modules by name (moved together by ``to``)."""
@@ -70,9 +73,39 @@ class Pipeline:
 
     def to(self, device: str | torch.device) -> Pipeline:
         device = resolve_device(device)
+        self.offload_device = None
         for module in self.modules().values():
             module.to(device)
         return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = "cuda") -> Pipeline:
+        """Keep every module in host memory and move each to ``device`` only while it works: the text
+        encoder while encoding, the transformer over the scales, the image decoder while decoding (with the
+        transformer where the model's call decodes, as VAR's and HART's do). Peak GPU memory is that of the
+        largest phase; each call pays the transfers. ``to(device)`` turns it off."""
+        device = resolve_device(device)
+        if self.offload_device is not None:
+            raise RuntimeError("model offload is already on; call pipe.to(device) to turn it off first")
+        for module in self.modules().values():
+            module.to("cpu")
+        self.offload_device = device
+        return self
+
+    @contextlib.contextmanager
+    def working(self, *modules: nn.Module | None) -> Iterator[None]:
+        """With offload on: ``modules`` (None: absent) on the generation device for the block, back in host
+        memory after it."""
+        modules = [m for m in modules if m is not None]
+        if self.offload_device is None or not modules:
+            yield
+            return
+        for module in modules:
+            module.to(self.offload_device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     def apply_preset(self, preset: Preset) -> None:
         """Patch the transformer with ``preset`` (a preset name or config), or run it unpatched (None)."""

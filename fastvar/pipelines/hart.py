@@ -174,10 +174,12 @@ class HARTPipeline(Pipeline):
         self.apply_preset(preset)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         with self.precision():
-            text = self.encode_prompts(prompts)
-            images = self.transformer.autoregressive_infer_cfg(
-                B=len(prompts), g_seed=seed, cfg=cfg, top_p=top_p, more_smooth=more_smooth, generator=generator,
-                progress=progress, **text)
+            with self.working(self.text_encoder):
+                text = self.encode_prompts(prompts)
+            with self.working(self.transformer, self.vae):  # the model's call decodes
+                images = self.transformer.autoregressive_infer_cfg(
+                    B=len(prompts), g_seed=seed, cfg=cfg, top_p=top_p, more_smooth=more_smooth, generator=generator,
+                    progress=progress, **text)
         return to_pil(images)
 
     # ----------------------------------------------------------------------- command line

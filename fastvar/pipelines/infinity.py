@@ -238,13 +238,15 @@ class InfinityPipeline(Pipeline):
         check_sampling(len(prompts), top_k, top_p, cfg, tau)
         self.apply_preset(preset)
         with self.precision():
-            text = self.encode_prompts(prompts)
-            negative = None if negatives is None else self.encode_prompts(negatives)
-            _, _, summed_codes = self.transformer.autoregressive_infer_cfg(
-                self.vae, schedule, text, B=len(prompts), negative_label_B_or_BLT=negative, g_seed=seed,
-                cfg_list=[cfg] * K, tau_list=[tau] * K, top_k=top_k, top_p=top_p, cfg_insertion_layer=[0],
-                vae_type=self.vae.codebook_dim, progress=progress)
-            with tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
+            with self.working(self.text_encoder):
+                text = self.encode_prompts(prompts)
+                negative = None if negatives is None else self.encode_prompts(negatives)
+            with self.working(self.transformer, self.vae.quantizer):  # which turns bits into codes
+                _, _, summed_codes = self.transformer.autoregressive_infer_cfg(
+                    self.vae, schedule, text, B=len(prompts), negative_label_B_or_BLT=negative, g_seed=seed,
+                    cfg_list=[cfg] * K, tau_list=[tau] * K, top_k=top_k, top_p=top_p, cfg_insertion_layer=[0],
+                    vae_type=self.vae.codebook_dim, progress=progress)
+            with self.working(self.vae), tqdm(total=1, desc="decoding", disable=not progress, leave=False) as bar:
                 images = self.vae.decode(summed_codes).add(1).div(2)
                 bar.update()
         return to_pil(images)

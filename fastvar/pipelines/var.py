@@ -109,7 +109,7 @@ class VARPipeline(Pipeline):
             raise ValueError(f"class_ids must be an int or a non-empty list of ints, got {class_ids!r}")
         labels = torch.tensor(ids, device=self.device)
         self.apply_preset(preset)
-        with self.precision():
+        with self.precision(), self.working(self.transformer, self.vae):  # the model's call decodes
             images = self.transformer.autoregressive_infer_cfg(
                 B=len(ids), label_B=labels, g_seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
                 progress=progress)

@@ -1,0 +1,82 @@
+"""Peak memory of one generation on the CPU, unpatched and under presets: ``python benchmarks/memory.py``.
+
+Allocations are read from the torch profiler (``profile_memory``): the running total of every
+allocation and free, in time order, gives the peak above what was allocated before the call (the
+weights). The scales (transformer, sampling, KV cache, cached branch outputs) are measured with the
+image decoder replaced by a stub returning zeros, since the decoder, which fastvar does not change,
+is the slowest part on a CPU; ``--decoder`` measures the decoder's own peak once per model.
+Random weights at full width (memory does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastvar import InfinityPipeline, VARPipeline
+
+CASES = {  # name: (pipeline factory, call arguments, presets)
+    "var-d16-256": (lambda: VARPipeline.random(16), dict(class_ids=[207]), ["default"]),
+    "infinity-2b-4blocks-1024": (lambda: InfinityPipeline.random("infinity-2b", depth=4),
+                                 dict(prompt=["a red fox in the snow"], size=(1024, 1024)), ["paper", "prune-only"]),
+    "infinity-2b-4blocks-1344": (lambda: InfinityPipeline.random("infinity-2b", depth=4),
+                                 dict(prompt=["a red fox in the snow"], aspect_ratio=1.0, pixels="extended"),
+                                 ["paper", "prune-only"]),
+}
+
+
+def peak_bytes(fn) -> int:
+    """The highest total of bytes allocated by ``fn`` at any moment, above what was allocated before."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    total = peak = 0
+    for event in events:
+        total += event.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def stub_decoder(decoder: torch.nn.Module) -> None:
+    decoder.forward = lambda z: z.new_zeros(z.shape[0], 3, 16 * z.shape[-2], 16 * z.shape[-1])
+
+
+def measure(name: str, decoder: bool) -> dict[str, int]:
+    """Peak bytes of each variant of case ``name`` (and of the decoder alone, with ``decoder``)."""
+    factory, call, presets = CASES[name]
+    pipe = factory()
+    row = {}
+    if decoder:
+        captured = {}
+        pipe.vae.decoder.register_forward_pre_hook(lambda m, a: captured.setdefault("z", a[0].clone()))
+        pipe(**call, seed=0, preset=None, progress=False)
+        with torch.no_grad():
+            row["decoder alone"] = peak_bytes(lambda: pipe.vae.decoder(captured["z"]))
+    stub_decoder(pipe.vae.decoder)
+    for preset in [None, *presets]:
+        row[preset or "unpatched"] = peak_bytes(lambda preset=preset: pipe(**call, seed=0, preset=preset,
+                                                                           progress=False))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default: all)")
+    parser.add_argument("--decoder", action="store_true", help="also measure the image decoder alone")
+    parser.add_argument("--json", help="write the results there too")
+    args = parser.parse_args()
+    results = {}
+    for name in args.case or CASES:
+        results[name] = row = measure(name, args.decoder)
+        print(name, " ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""benchmarks/gpu.sh, in its smoke mode: every step of the GPU benchmark, on tiny models on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_script_smoke_run_writes_every_case_and_the_table(tmp_path):
+    env = dict(os.environ, FASTVAR_BENCH_SMOKE="1")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert len(cases) == 10 and {c.split("-")[0] for c in cases} == {"var", "infinity", "hart"}
+    hart = json.loads((tmp_path / "hart-0.7b-1024-b1.json").read_text())
+    assert [v["name"] for v in hart["variants"]] == ["baseline", "paper", "skip-last", "paper-unguided-last", "none"]
+    assert all(k in hart for k in ("device", "torch", "dtype", "model"))
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| case | device | torch | variant | FLOP ratio")
+    assert len(table) == 2 + sum(len(json.loads((tmp_path / f"{c}.json").read_text())["variants"]) for c in cases)
