@@ -177,13 +177,17 @@ def bench(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(data, indent=1))
 
 
+def read_items(args: argparse.Namespace, family: type[Pipeline]) -> list[sampler.Item]:
+    """The items of ``--classes`` or ``--prompts`` (with ``--per-class`` / ``--per-prompt`` where given)."""
+    if family.batch_argument == "class_ids":
+        return sampler.class_items(args.classes, getattr(args, "per_class", 1))
+    return sampler.read_prompts(args.prompts, getattr(args, "per_prompt", 1))
+
+
 def sample_command(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
     preset = chosen_preset(args, family)
-    if family.batch_argument == "class_ids":
-        items = sampler.class_items(args.classes, args.per_class)
-    else:
-        items = sampler.read_prompts(args.prompts, args.per_prompt)
+    items = read_items(args, family)
     out = sampler.check_out_dir(args.out)
     options = family.call_arguments(args)
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
@@ -237,10 +241,7 @@ def compare_command(args: argparse.Namespace) -> None:
     variants.update(variant_from_json(text, family) for text in args.configs or [])
     if not variants:
         raise UserError("give --presets NAME[,NAME...] or --config JSON")
-    if family.batch_argument == "class_ids":
-        inputs = [i.input for i in sampler.class_items(args.classes, 1)]
-    else:
-        inputs = [i.input for i in sampler.read_prompts(args.prompts)]
+    inputs = [i.input for i in read_items(args, family)]
     out = sampler.check_out_dir(args.out)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
     pipe = load_pipeline(family, args, random=args.random_weights)
@@ -295,14 +296,21 @@ def add_bench(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> 
     p.set_defaults(func=bench)
 
 
-def add_sample(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
+def add_item_options(p: argparse.ArgumentParser, family: type[Pipeline], per_item: bool) -> None:
+    """--classes (VAR) or --prompts, and with ``per_item`` how many images each gets."""
     if family.batch_argument == "class_ids":
         p.add_argument("--classes", required=True, help="class ids FIRST-LAST (inclusive), e.g. 0-999")
-        p.add_argument("--per-class", type=positive_int, default=1, help="images per class")
+        if per_item:
+            p.add_argument("--per-class", type=positive_int, default=1, help="images per class")
     else:
         p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL (prompt, and "
                                                         "optionally n, seed, negative_prompt, other fields)")
-        p.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt without its own 'n'")
+        if per_item:
+            p.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt without its own 'n'")
+
+
+def add_sample(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
+    add_item_options(p, family, per_item=True)
     p.add_argument("--out", required=True, help="output folder (created; a finished run's batches are skipped)")
     p.add_argument("--layout", default="flat", choices=sampler.LAYOUTS,
                    help="flat: NNNNNN.png; geneval: IIIII/samples/NNNN.png; npz: flat plus samples.npz")
@@ -314,10 +322,7 @@ def add_sample(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) ->
 
 
 def add_compare(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
-    if family.batch_argument == "class_ids":
-        p.add_argument("--classes", required=True, help="class ids FIRST-LAST (inclusive), e.g. 0-7")
-    else:
-        p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt'")
+    add_item_options(p, family, per_item=False)
     p.add_argument("--presets", help=f"presets to compare, comma-separated (of {sorted(family.adapter.presets)})")
     example = json.dumps(dict(name="random", preset=family.adapter.default_preset, selection="random"))
     p.add_argument("--config", dest="configs", action="append", help=f"repeatable: a config as JSON, e.g. '{example}'")

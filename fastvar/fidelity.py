@@ -24,7 +24,7 @@ import fastvar
 from fastvar.adapters import find_adapter
 from fastvar.bench import StepClock
 from fastvar.models.sampling import recording_draws
-from fastvar.pipelines.base import Pipeline, Preset
+from fastvar.pipelines.base import Pipeline, Preset, preset_name
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def compare(
     if not named or "unpatched" in named:
         raise ValueError("give at least one variant to compare, none of them named 'unpatched'")
     for preset in named.values():
-        if preset is None or (isinstance(preset, str) and preset not in pipe.adapter.presets):
-            raise ValueError(f"unknown {pipe.family} preset {preset!r}; available: {sorted(pipe.adapter.presets)}")
+        if preset is None:
+            raise ValueError("a variant is None; the unpatched model is always compared, as 'unpatched'")
+        pipe.check_preset(preset)
     if not inputs or repeats < 1 or warmup < 0 or batch_size < 1 or not seeds:
         raise ValueError("compare needs inputs, seeds, batch_size >= 1, repeats >= 1 and warmup >= 0")
     named = {"unpatched": None, **named}
@@ -172,7 +173,7 @@ def compare(
     for name, preset in named.items():
         psnr, ssim = image_metrics(images[name], images["unpatched"])
         reports.append(VariantReport(
-            name, preset if preset is None or isinstance(preset, str) else repr(preset),
+            name, preset_name(preset),
             tuple(t for t, _ in times[name]), tuple(s for _, s in times[name]), peaks[name],
             summaries[name].flop_ratio if name in summaries else 1.0,
             token_agreement(draws[name], draws["unpatched"], [h * w for h, w in drawn_maps]), tuple(psnr),

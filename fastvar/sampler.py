@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import fastvar
-from fastvar.pipelines.base import Pipeline, Preset
+from fastvar.pipelines.base import Pipeline, Preset, preset_name
 
 LAYOUTS = ("flat", "geneval", "npz")
 STATE = ".fastvar"  # the resume state and temporary files, inside the output folder
@@ -185,11 +185,6 @@ def fingerprint(pipe: Pipeline, items: Sequence[Item], layout: str, batch_size: 
     return json.loads(json.dumps(run, sort_keys=True, default=str))  # as it reads back from run.json
 
 
-def preset_name(preset: Preset) -> str | None:
-    """A preset's name, or a config's repr; None is the unpatched model."""
-    return preset if preset is None or isinstance(preset, str) else repr(preset)
-
-
 def check_out_dir(out_dir: str | Path) -> Path:
     """An output folder that is or can be made, and written to."""
     out = Path(out_dir)
@@ -250,8 +245,7 @@ def sample(
         raise ValueError("no items to generate")
     if preset == "default":
         preset = pipe.adapter.default_preset
-    if isinstance(preset, str) and preset not in pipe.adapter.presets:
-        raise ValueError(f"unknown {pipe.family} preset {preset!r}; available: {sorted(pipe.adapter.presets)}")
+    pipe.check_preset(preset)
     check_call_options(pipe, items, options)
     out = check_out_dir(out_dir)
     batches = plan_batches(items, batch_size, seed)

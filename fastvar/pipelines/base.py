@@ -107,6 +107,12 @@ class Pipeline:
             for module in modules:
                 module.to("cpu")
 
+    @classmethod
+    def check_preset(cls, preset: Preset) -> None:
+        """Refuse, before any compute, a preset name the family does not have."""
+        if isinstance(preset, str) and preset not in cls.adapter.presets:
+            raise ValueError(f"unknown {cls.family} preset {preset!r}; available: {sorted(cls.adapter.presets)}")
+
     def apply_preset(self, preset: Preset) -> None:
         """Patch the transformer with ``preset`` (a preset name or config), or run it unpatched (None)."""
         if preset is None:
@@ -156,6 +162,11 @@ class Pipeline:
     def describe(self) -> str:
         """One line naming the model, for benchmark titles."""
         raise NotImplementedError
+
+
+def preset_name(preset: Preset) -> str | None:
+    """A preset's name, or a config's repr, for reports; None is the unpatched model."""
+    return preset if preset is None or isinstance(preset, str) else repr(preset)
 
 
 def check_prompts(prompt: object, name: str = "prompt", count: int | None = None) -> list[str]:
