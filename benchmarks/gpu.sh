@@ -6,7 +6,11 @@
 #   benchmarks/gpu.sh OUT_DIR                          # OUT_DIR/<case>.json and .txt, OUT_DIR/table.md
 #   FASTVAR_BENCH_SMOKE=1 benchmarks/gpu.sh OUT_DIR    # the same steps on tiny models on the CPU (seconds)
 set -euo pipefail
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+if [[ $# -ne 1 ]]; then
+  echo "error: usage: benchmarks/gpu.sh OUT_DIR (FASTVAR_BENCH_SMOKE=1 for the CPU smoke run)" >&2
+  exit 2
+fi
+out=$1
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ from fastvar.bench import benchmark, format_results, results_json
 from fastvar.config import FastVARConfig
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipelines import PIPELINES
-from fastvar.pipelines.base import DTYPES, Pipeline, Preset
+from fastvar.pipelines.base import DTYPES, Pipeline, Preset, resolve_device
 
 USER_ERRORS = (ValueError, WeightsUnavailableError, ImportError)  # what a wrong option or a missing file raises
 
@@ -133,6 +133,7 @@ def load_pipeline(family: type[Pipeline], args: argparse.Namespace, random: bool
     """The pipeline the model options name; with ``--offload``, loaded into host memory and offloaded."""
     if not args.offload:
         return family.from_arguments(args, random=random)
+    resolve_device(args.device)  # a device that is not there is refused before loading
     target, args.device = args.device, "cpu"
     try:
         return family.from_arguments(args, random=random).enable_model_cpu_offload(target)

@@ -317,6 +317,7 @@ def finish(pipe: Pipeline, items: Sequence[Item], batches: Sequence[Batch], out:
     summary = dict(family=pipe.family, model=pipe.describe(), preset=preset_name(preset), images=len(records),
                    batches=len(batches), batches_this_run=generated_batches, processes=world,
                    wall_seconds_this_run=round(wall, 3), images_per_second_per_process=len(records) / busy,
-                   fastvar=str(fastvar.summary(pipe.transformer)) if patched else None)
+                   fastvar=str(fastvar.summary(pipe.transformer, batch=max(len(b.images) for b in batches)))
+                   if patched else None)
     write_text(out, "summary.json", json.dumps(summary, indent=1), 0)
     return summary

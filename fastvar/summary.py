@@ -108,6 +108,12 @@ class Summary:
         return sum(r.flops for r in self.rows) / sum(r.baseline_flops for r in self.rows)
 
     @property
+    def flop_ratio_with_guidance(self) -> float:
+        """``flop_ratio`` were every scale run with both CFG rows: what turning guidance off leaves out."""
+        return (sum(r.flops if r.guided else 2 * r.flops for r in self.rows)
+                / sum(r.baseline_flops for r in self.rows))
+
+    @property
     def whole_call_flop_ratio(self) -> float | None:
         """(transformer + decoder) patched over unpatched; None without a decoder."""
         if self.decoder_flops is None:
@@ -161,7 +167,8 @@ class Summary:
         if unguided:
             first = unguided[0]
             lines.append(f"guidance off from scale {first.index} ({first.shape[0]}x{first.shape[1]}): the conditional "
-                         "rows only, half the FLOPs there")
+                         f"rows only, half the FLOPs there; with guidance kept the ratio would be "
+                         f"{self.flop_ratio_with_guidance:.3f}")
         mib = 2**20
         lines.append(f"KV cache {self.kv_bytes / mib:.1f} MiB (unpatched {self.baseline_kv_bytes / mib:.1f} MiB), "
                      f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {self.batch} image(s) with "

@@ -200,3 +200,9 @@ def test_generate_with_offload_makes_the_same_image(tmp_path, tiny_official, mon
     assert enabled == ["cpu"]
     expected = VARPipeline.random(16)([5], seed=0, progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), np.asarray(expected))
+
+
+def test_offload_to_a_missing_device_is_refused_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(VARPipeline, "from_arguments", lambda *a, **k: pytest.fail("loaded before the device check"))
+    line = run_error(capsys, ["generate", "var", "--random-weights", "--offload", "--device", "cuda"])
+    assert "device 'cuda' asked for, but torch sees no CUDA device" in line

@@ -27,3 +27,10 @@ def test_gpu_script_smoke_run_writes_every_case_and_the_table(tmp_path):
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[0].startswith("| case | device | torch | variant | FLOP ratio")
     assert len(table) == 2 + sum(len(json.loads((tmp_path / f"{c}.json").read_text())["variants"]) for c in cases)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_script_without_a_folder_is_one_error_line():
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stderr.startswith("error: usage: benchmarks/gpu.sh OUT_DIR")
+    assert done.stderr.count("\n") == 1

@@ -102,7 +102,8 @@ def test_composes_with_pruning_and_skipping():
     assert [r.guided for r in summary.rows] == [True, True, True, False, False, False]
     assert "guidance off from scale 3" in str(summary) and "no guidance" in str(summary)
     pruned_only = fastvar.summary(fastvar.patch(var, config.replace(guidance_off_from=None)))
-    assert summary.flop_ratio < pruned_only.flop_ratio
+    assert summary.flop_ratio < pruned_only.flop_ratio == pytest.approx(summary.flop_ratio_with_guidance)
+    assert f"with guidance kept the ratio would be {pruned_only.flop_ratio:.3f}" in str(summary)
     assert [r.flops for r in summary.rows[3:5]] == [r.flops / 2 for r in pruned_only.rows[3:5]]
     fastvar.unpatch(var)
 
