@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,36 @@ def reference_root() -> Path:
     return root
 
 
+def reference_sets(family: str) -> list:
+    """pytest params, one per set folder of ``family`` (every folder with a ``config.json``: held-out sets
+    dropped in beside the public ones are checked the same way), named by the folder. Without the reference
+    data, one param whose test skips (or fails in CI) through ``reference_root``."""
+    root = Path(os.environ.get(REFERENCE_ENV, DEFAULT_REFERENCE)) / family
+    sets = sorted(p for p in root.glob("*") if (p / "config.json").is_file())
+    return [pytest.param(p, id=p.name) for p in sets] or [pytest.param(None, id="no-reference")]
+
+
+def reference_cases(family: str, where=lambda case: True) -> list:
+    """pytest params (set folder, case), one per case of every set's ``cases.json`` that ``where`` accepts,
+    named 'set/case'."""
+    params = []
+    for param in reference_sets(family):
+        set_dir = param.values[0]
+        if set_dir is None:
+            return [pytest.param(None, None, id="no-reference")]
+        cases = json.loads((set_dir / "cases.json").read_text())
+        params += [pytest.param(set_dir, case, id=f"{set_dir.name}/{case['name']}") for case in cases if where(case)]
+    return params
+
+
+def checked_set(set_dir: Path | None) -> Path:
+    """``set_dir``, or the skip (CI: failure) that says the reference data is missing."""
+    if set_dir is None:
+        reference_root()
+        pytest.fail(f"no {REFERENCE_ENV} set folders found")  # the root exists but holds no set of this family
+    return set_dir
+
+
 class VarReference:
     """One VAR reference set: config, cases, outputs and the models loaded with its weights."""
 
@@ -52,23 +83,19 @@ class VarReference:
         return var.eval().requires_grad_(False)
 
 
-@pytest.fixture(scope="session", params=["tiny", "tiny-512-shared"])
-def var_reference(request) -> VarReference:
+@functools.cache
+def load_reference(kind: type, set_dir: Path | None):
+    """The reference set ``kind(set_dir)`` (VarReference, InfinityReference ...), read once per session; the
+    reference ran on 2 torch threads."""
     torch.set_num_threads(2)
-    return VarReference(reference_root() / "var" / request.param)
-
-
-@pytest.fixture(scope="session")
-def var_tiny_reference() -> VarReference:
-    torch.set_num_threads(2)
-    return VarReference(reference_root() / "var" / "tiny")
+    return kind(checked_set(set_dir))
 
 
 class InfinityReference:
-    """The ``infinity/tiny`` set: constructor arguments, weights, text inputs, cases and outputs."""
+    """One ``infinity`` set: constructor arguments, weights, text inputs, cases and outputs."""
 
-    def __init__(self):
-        set_dir = reference_root() / "infinity" / "tiny"
+    def __init__(self, set_dir: Path):
+        self.dir = set_dir
         config = json.loads((set_dir / "config.json").read_text())
         self.args = config["vae"]["autoencoder_args"]
         self.transformer_kwargs = config["transformer"]["kwargs"]
@@ -151,10 +178,10 @@ def tiny_text_encoder():
 
 
 class HartReference:
-    """The ``hart/tiny`` set: constructor fields, weights, text inputs, cases and outputs."""
+    """One ``hart`` set: constructor fields, weights, text inputs, cases and outputs."""
 
-    def __init__(self):
-        set_dir = reference_root() / "hart" / "tiny"
+    def __init__(self, set_dir: Path):
+        self.dir = set_dir
         config = json.loads((set_dir / "config.json").read_text())
         self.transformer_kwargs = config["transformer"]["kwargs"]
         self.tokenizer_kwargs = config["vae"]["kwargs"]

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import InfinityReference
+from conftest import InfinityReference, load_reference, reference_cases, reference_sets
 
 from fastvar.hub import load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE, official_vae
 
 
-@pytest.fixture(scope="module")
-def reference() -> InfinityReference:
-    return InfinityReference()
+@pytest.fixture(params=reference_sets("infinity"))
+def reference(request) -> InfinityReference:
+    return load_reference(InfinityReference, request.param)
 
 
 def summed_codes_from_bits(vae: BSQVAE, outputs: dict[str, torch.Tensor], case: dict) -> torch.Tensor:
@@ -52,28 +52,27 @@ def test_missing_key_is_named(reference):
         load_checkpoint(reference.build_vae(), state)
 
 
-def test_summed_codes_from_bits_match_upstream_exactly(reference):
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("set_dir, case", reference_cases("infinity"))
+def test_summed_codes_from_bits_match_upstream_exactly(set_dir, case):
+    reference = load_reference(InfinityReference, set_dir)
     vae = reference.build_vae()
-    assert reference.cases
-    for case in reference.cases:
-        summed = summed_codes_from_bits(vae, reference.outputs, case)
-        expected = reference.outputs[f"{case['name']}.summed_codes"]
-        name = case["name"]
-        torch.testing.assert_close(summed.squeeze(2), expected, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    summed = summed_codes_from_bits(vae, reference.outputs, case)
+    torch.testing.assert_close(summed.squeeze(2), reference.outputs[f"{case['name']}.summed_codes"], atol=0, rtol=0)
 
 
 def test_decode_matches_upstream_image(reference):
-    torch.set_num_threads(2)
     vae = reference.build_vae()
-    summed = reference.outputs["b_025M_sq.summed_codes"]
-    expected = reference.outputs["b_025M_sq.image"]
-    image = vae.decode(summed)
-    assert image.shape == (1, 3, 32 * vae.patch_size, 32 * vae.patch_size)
-    torch.testing.assert_close((image + 1) / 2, expected, atol=1e-5, rtol=0)
+    decoded = [case for case in reference.cases if f"{case['name']}.image" in reference.outputs]
+    for case in decoded:
+        summed = reference.outputs[f"{case['name']}.summed_codes"]
+        image = vae.decode(summed)
+        _, h, w = case["vae_scale_schedule"][-1]
+        assert image.shape == (case["B"], 3, h * vae.patch_size, w * vae.patch_size)
+        torch.testing.assert_close((image + 1) / 2, reference.outputs[f"{case['name']}.image"], atol=1e-5, rtol=0,
+                                   msg=lambda m, name=case["name"]: f"case {name}: {m}")
     # The transformer's accumulator keeps the time axis (B, d, 1, H, W); the decoder is convolutional,
     # so a corner of the latent suffices to check that both shapes decode alike.
-    corner = summed[..., :4, :4]
+    corner = reference.outputs[f"{reference.cases[0]['name']}.summed_codes"][..., :4, :4]
     torch.testing.assert_close(vae.decode(corner.unsqueeze(2)), vae.decode(corner), atol=0, rtol=0)
 
 

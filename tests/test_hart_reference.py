@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HartReference
+from conftest import HartReference, load_reference, reference_cases, reference_sets
 
 import fastvar.models.hart as hart_module
 from fastvar.hub import load_checkpoint
@@ -22,10 +22,9 @@ EMBED_TOL = 1e-3
 FREE_RUNNING_LATENT_TOL = 5e-2  # of a latent whose values reach 21
 
 
-@pytest.fixture(scope="module")
-def reference() -> HartReference:
-    torch.set_num_threads(2)
-    return HartReference()
+@pytest.fixture(params=reference_sets("hart"))
+def reference(request) -> HartReference:
+    return load_reference(HartReference, request.param)
 
 
 class Recorder:
@@ -82,38 +81,39 @@ def case_outputs(reference: HartReference, name: str) -> dict:
 
 
 @pytest.mark.parametrize("teacher_forced", [False, True], ids=["free-running", "teacher-forced"])
-def test_generation_reproduces_every_reference_tensor(reference, monkeypatch, teacher_forced):
+@pytest.mark.parametrize("set_dir, case", reference_cases("hart"))
+def test_generation_reproduces_every_reference_tensor(set_dir, case, monkeypatch, teacher_forced):
+    reference = load_reference(HartReference, set_dir)
     model, tokenizer = reference.build()
-    for case in reference.cases:
-        ref = case_outputs(reference, case["name"])
-        rec = Recorder(monkeypatch, model, ref if teacher_forced else None)
-        torch.manual_seed(case["torch_global_seed"])  # the diffusion head draws from the global generator
-        image = model.autoregressive_infer_cfg(**reference.call(case))
-        monkeypatch.undo()
+    ref = case_outputs(reference, case["name"])
+    rec = Recorder(monkeypatch, model, ref if teacher_forced else None)
+    torch.manual_seed(case["torch_global_seed"])  # the diffusion head draws from the global generator
+    image = model.autoregressive_infer_cfg(**reference.call(case))
+    monkeypatch.undo()
 
-        K = len(model.patch_nums)
-        assert len(rec.idx) == K
-        for si in range(K):
-            assert torch.equal(rec.idx[si].view(ref[f"idx.{si}"].shape).int(), ref[f"idx.{si}"]), f"indices at {si}"
-        # The conditional rows come first: their initial noise and their sample are stored.
-        noise = ref["diff_noise"].reshape(-1, model.Cvae)
-        assert torch.equal(rec.noise[: len(noise)], noise)
-        if not teacher_forced:
-            torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=FREE_RUNNING_LATENT_TOL, rtol=0)
-            continue
-        for si in range(K):
-            rows = ref[f"logits.{si}"].shape[1]
-            torch.testing.assert_close(rec.logits[si][:, :rows], ref[f"logits.{si}"], atol=LOGITS_TOL, rtol=0,
-                                       msg=lambda m, si=si: f"logits at scale {si}: {m}")
-            if si < K - 1:
-                torch.testing.assert_close(rec.h[si], ref[f"h.{si}"], atol=EMBED_TOL, rtol=0,
-                                           msg=lambda m, si=si: f"token map at scale {si}: {m}")
-        torch.testing.assert_close(rec.diff_sample[: len(noise)], ref["diff_sample"].reshape(-1, model.Cvae),
-                                   atol=EMBED_TOL, rtol=0)
-        torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=EMBED_TOL, rtol=0)
-        with torch.no_grad():  # the image is not stored: it is the decoded f_hat
-            expected = (tokenizer.fhat_to_img(ref["f_hat"].clone()) + 1) / 2
-        torch.testing.assert_close(image, expected, atol=EMBED_TOL, rtol=0)
+    K = len(model.patch_nums)
+    assert len(rec.idx) == K
+    for si in range(K):
+        assert torch.equal(rec.idx[si].view(ref[f"idx.{si}"].shape).int(), ref[f"idx.{si}"]), f"indices at {si}"
+    # The conditional rows come first: their initial noise and their sample are stored.
+    noise = ref["diff_noise"].reshape(-1, model.Cvae)
+    assert torch.equal(rec.noise[: len(noise)], noise)
+    if not teacher_forced:
+        torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=FREE_RUNNING_LATENT_TOL, rtol=0)
+        return
+    for si in range(K):
+        rows = ref[f"logits.{si}"].shape[1]
+        torch.testing.assert_close(rec.logits[si][:, :rows], ref[f"logits.{si}"], atol=LOGITS_TOL, rtol=0,
+                                   msg=lambda m, si=si: f"logits at scale {si}: {m}")
+        if si < K - 1:
+            torch.testing.assert_close(rec.h[si], ref[f"h.{si}"], atol=EMBED_TOL, rtol=0,
+                                       msg=lambda m, si=si: f"token map at scale {si}: {m}")
+    torch.testing.assert_close(rec.diff_sample[: len(noise)], ref["diff_sample"].reshape(-1, model.Cvae),
+                               atol=EMBED_TOL, rtol=0)
+    torch.testing.assert_close(rec.f_hat, ref["f_hat"], atol=EMBED_TOL, rtol=0)
+    with torch.no_grad():  # the image is not stored: it is the decoded f_hat
+        expected = (tokenizer.fhat_to_img(ref["f_hat"].clone()) + 1) / 2
+    torch.testing.assert_close(image, expected, atol=EMBED_TOL, rtol=0)
 
 
 def test_tokenizer_decoder_matches(reference):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import InfinityReference, random_text, tiny_infinity
+from conftest import InfinityReference, load_reference, random_text, reference_root, tiny_infinity
 
 from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, build, rope_table, scale_schedule
 
@@ -55,7 +55,7 @@ def test_extended_schedule_generates():
 
 
 def test_build_matches_the_reference_layout_and_official_sizes():
-    reference = InfinityReference()
+    reference = load_reference(InfinityReference, reference_root() / "infinity" / "tiny")  # the public set
     with torch.device("meta"):
         model, _ = build("infinity-2b", depth=6)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}

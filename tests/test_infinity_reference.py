@@ -14,18 +14,12 @@ import math
 
 import pytest
 import torch
-from conftest import InfinityReference
+from conftest import InfinityReference, load_reference, reference_cases
 
 import fastvar
 
 LOGIT_TOL = 1e-2
 TOP_P_BOUNDARY = math.log(0.97 / 0.03)  # |l1 - l0| beyond which top-p 0.97 forces the likelier bit
-
-
-@pytest.fixture(scope="module")
-def reference() -> InfinityReference:
-    torch.set_num_threads(2)
-    return InfinityReference()
 
 
 def sampling_kwargs(case: dict) -> dict:
@@ -83,17 +77,16 @@ def check_against(reference, outputs, case, model, vae):
     return None
 
 
-@pytest.mark.parametrize("case_name", ["a_1M_sq", "b_025M_sq", "c_1M_hw050"])
-def test_unpatched_generation_matches_upstream(reference, case_name):
+@pytest.mark.parametrize("set_dir, case", reference_cases("infinity"))
+def test_unpatched_generation_matches_upstream(set_dir, case):
+    reference = load_reference(InfinityReference, set_dir)
     model, vae = reference.build()
-    case = next(c for c in reference.cases if c["name"] == case_name)
     check_against(reference, reference.outputs, case, model, vae)
 
 
-def test_paper_preset_reproduces_the_official_fastvar_code(reference):
+@pytest.mark.parametrize("set_dir, case", reference_cases("infinity", where=lambda case: case["run_fastvar"]))
+def test_paper_preset_reproduces_the_official_fastvar_code(set_dir, case):
+    reference = load_reference(InfinityReference, set_dir)
     model, vae = reference.build()
     fastvar.patch(model, "paper")
-    for case in reference.cases:
-        if case["run_fastvar"]:
-            assert check_against(reference, reference.fastvar_outputs, case, model, vae) is None
-    fastvar.unpatch(model)
+    assert check_against(reference, reference.fastvar_outputs, case, model, vae) is None

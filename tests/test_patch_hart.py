@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HartReference, attended_keys, hart_text, tiny_hart
+from conftest import HartReference, attended_keys, hart_text, load_reference, reference_cases, tiny_hart
 
 import fastvar
 import fastvar.models.hart as hart_module
@@ -14,12 +14,6 @@ from fastvar import FastVARConfig
 from fastvar.adapters.hart import HartAdapter
 from fastvar.hub import parameters_on_meta
 from fastvar.models.hart import build
-
-
-@pytest.fixture(scope="module")
-def reference() -> HartReference:
-    torch.set_num_threads(2)
-    return HartReference()
 
 
 def sampling_margins(logits: torch.Tensor, rng_state: torch.Tensor) -> torch.Tensor:
@@ -91,45 +85,48 @@ def record(monkeypatch, model, teacher: dict | None = None):
 
 
 @pytest.mark.parametrize("teacher_forced", [False, True], ids=["free-running", "teacher-forced"])
-def test_paper_preset_reproduces_the_official_fastvar_hart_code(reference, monkeypatch, teacher_forced):
+@pytest.mark.parametrize("set_dir, case", reference_cases("hart", where=lambda case: case["run_fastvar"]))
+def test_paper_preset_reproduces_the_official_fastvar_hart_code(set_dir, case, monkeypatch, teacher_forced):
     """Bit for bit on the reference CPU. Elsewhere matmuls round differently (about 1e-6) and the
     soft embeddings magnify it, so a draw may differ only where the reference's sampler was nearly tied
     (the reference has one token with a margin of 5e-6), and a kept token may trade places only with
     one of nearly equal score. Teacher forcing feeds every scale the reference's inputs and checks the
     numerics: logits, selections, latent."""
+    reference = load_reference(HartReference, set_dir)
     model, _ = reference.build()
     fastvar.patch(model, "paper")
     kv_lengths = []
     model.blocks[0].attn.register_forward_hook(lambda m, a, out: kv_lengths.append(attended_keys(m, a[0])))
-    outputs = reference.fastvar_outputs
-    for case in (c for c in reference.cases if c["run_fastvar"]):
-        name = case["name"]
-        ref = {k.removeprefix(f"{name}."): v for k, v in outputs.items() if k.startswith(f"{name}.")}
-        seen = record(monkeypatch, model, ref if teacher_forced else None)
-        torch.manual_seed(case["torch_global_seed"])
-        model.autoregressive_infer_cfg(**reference.call(case))
-        monkeypatch.undo()
-        K = len(model.patch_nums)
-        for si in range(K):
-            expected = ref[f"idx.{si}"]
-            clear = seen["margin"][si].view(expected.shape) > 1e-4
-            assert torch.equal(seen["idx"][si].view(expected.shape).int()[clear], expected[clear]), f"indices at {si}"
-        pruned = sorted({int(k.split(".")[1]) for k in ref if k.startswith("keep.")})
-        expected = [ref[f"keep.{si}.{layer}.{branch}"] for si in pruned for layer in range(model.depth)
-                    for branch in ("attn", "ffn")]
-        assert pruned == [K - 2, K - 1] and len(seen["keep"]) == len(expected)
-        assert kv_lengths[-K:] == case["fastvar_result"]["kv_tokens_block0_after_scale"]
-        if not teacher_forced:
-            continue
-        for (x, keep), keep_expected in zip(seen["keep"], expected):
-            assert_same_selection(x, keep, keep_expected)
-        for si in range(K):
-            rows = ref[f"logits.{si}"].shape[1]
-            torch.testing.assert_close(seen["logits"][si][:, :rows], ref[f"logits.{si}"], atol=2e-5, rtol=0,
-                                       msg=lambda m, si=si: f"logits at scale {si}: {m}")
-        torch.testing.assert_close(seen["f_hat"], ref["f_hat"], atol=1e-3, rtol=0)
+    name = case["name"]
+    ref = {k.removeprefix(f"{name}."): v for k, v in reference.fastvar_outputs.items() if k.startswith(f"{name}.")}
+    seen = record(monkeypatch, model, ref if teacher_forced else None)
+    torch.manual_seed(case["torch_global_seed"])
+    model.autoregressive_infer_cfg(**reference.call(case))
+    monkeypatch.undo()
+    K = len(model.patch_nums)
+    for si in range(K):
+        expected = ref[f"idx.{si}"]
+        clear = seen["margin"][si].view(expected.shape) > 1e-4
+        assert torch.equal(seen["idx"][si].view(expected.shape).int()[clear], expected[clear]), f"indices at {si}"
+    pruned = sorted({int(k.split(".")[1]) for k in ref if k.startswith("keep.")})
+    expected = [ref[f"keep.{si}.{layer}.{branch}"] for si in pruned for layer in range(model.depth)
+                for branch in ("attn", "ffn")]
+    assert pruned == [K - 2, K - 1] and len(seen["keep"]) == len(expected)
+    assert kv_lengths == case["fastvar_result"]["kv_tokens_block0_after_scale"]
     summary = fastvar.summary(model)
-    assert [r.kept for r in summary.rows[-2:]] == [1152, 1024] and summary.rows[-3].cached and summary.rows[0].text
+    official = case["fastvar_result"]["pruned_scales"]
+    assert {str(r.index): [r.kept] for r in summary.rows if r.kept is not None} == {
+        si: scale["kept"] for si, scale in official.items()}
+    assert summary.rows[-3].cached and summary.rows[0].text
+    if not teacher_forced:
+        return
+    for (x, keep), keep_expected in zip(seen["keep"], expected):
+        assert_same_selection(x, keep, keep_expected)
+    for si in range(K):
+        rows = ref[f"logits.{si}"].shape[1]
+        torch.testing.assert_close(seen["logits"][si][:, :rows], ref[f"logits.{si}"], atol=2e-5, rtol=0,
+                                   msg=lambda m, si=si: f"logits at scale {si}: {m}")
+    torch.testing.assert_close(seen["f_hat"], ref["f_hat"], atol=1e-3, rtol=0)
 
 
 def teacher_forced_logits(model, monkeypatch, prompt, idx_per_scale):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_var
+from conftest import VarReference, load_reference, reference_root, tiny_var
 
 from fastvar.models.var import PATCH_NUMS_512, build, sample_with_top_k_top_p_
 
@@ -13,11 +13,11 @@ def shapes(state_dict):
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def test_build_matches_the_reference_state_dict_layout(var_tiny_reference):
-    """build(2) is the reference's depth-2 VAR (width 128, 2 heads): same keys, shapes and dtypes."""
+def test_build_matches_the_reference_state_dict_layout():
+    """build(2) is the public reference's depth-2 VAR (width 128, 2 heads): same keys, shapes and dtypes."""
     with torch.device("meta"):
         _, var = build(2)
-    reference = var_tiny_reference.var_state
+    reference = load_reference(VarReference, reference_root() / "var" / "tiny").var_state
     assert shapes(var.state_dict()) == shapes(reference)
     assert all(var.state_dict()[k].dtype == reference[k].dtype for k in reference)
 
