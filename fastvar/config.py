@@ -104,9 +104,6 @@ class FastVARConfig:
         if pruned and pruned[0] < text_scales:
             raise ValueError(f"scale {pruned[0]} holds the text tokens, not a token map: it cannot be pruned; "
                              f"prune scales {text_scales}..{K - 1}")
-        if pruned and len(set(tokens)) < K:
-            raise ValueError(f"two scales of {list(shapes)} have the same token count; fastvar recognises a "
-                             "block's scale by it, so this schedule cannot be pruned")
         keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
         layers = frozenset(self._layers(depth)) if pruned else frozenset()
         cache_scale = self._cache_scale(K, pruned) if self.restoration == "cache" else None
@@ -198,10 +195,6 @@ class Schedule:
         """Tokens whose keys and values block ``layer`` caches over one generation: those of every executed
         scale but the last, which no later scale reads."""
         return sum(self.tokens_run(si, layer) for si in range(self.executed - 1))
-
-    def scale_of_length(self) -> dict[int, int]:
-        """Token count -> scale index, to recognise the scale of a block input."""
-        return {n: si for si, n in enumerate(self.tokens)}
 
 
 def check_ratio(ratio: float, what: str) -> float:

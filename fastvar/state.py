@@ -1,12 +1,14 @@
-"""Per-model runtime state shared by the patched blocks: the schedule and the cached branch outputs
-(kept from the cache scale until the last pruned scale has read them)."""
+"""Per-model runtime state shared by the patched blocks: the schedule, the scale the sampling loop is
+running, and the cached branch outputs (kept from the cache scale until the last pruned scale has read them)."""
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from fastvar.config import FastVARConfig, Schedule
 from fastvar.pruning import gather_tokens, restore, restore_zeros, select_pivotal, select_random
@@ -20,18 +22,43 @@ class FastVARState:
     def __init__(self, family: str, preset: str | None, config: FastVARConfig, schedule: Schedule):
         self.family, self.preset, self.config = family, preset, config
         self.schedule = schedule
-        self._scale_of_length = schedule.scale_of_length()
+        self.scale: int | None = None  # the scale the sampling loop runs; None outside a sampling call
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
 
     def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
         """Resolve the config for the scale schedule of the coming call (another size or aspect ratio)."""
         if tuple(shapes) != self.schedule.shapes:
             self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales)
-            self._scale_of_length = self.schedule.scale_of_length()
 
-    def scale_of(self, num_tokens: int) -> int | None:
-        """The scale a block input of ``num_tokens`` tokens belongs to, if any."""
-        return self._scale_of_length.get(num_tokens)
+    @contextlib.contextmanager
+    def sampling(self, count_calls_of: nn.Module | None = None) -> Iterator[None]:
+        """One sampling call. fastvar's loops say which scale runs (``begin_scale``); for a loop that does not
+        (an upstream object's), give its first block, which runs once per scale: its calls are counted. Two
+        scales may hold as many tokens (HART's text and a map), so a token count never names a scale. The
+        caches are freed after the call."""
+        hook = None
+        if count_calls_of is not None:
+            hook = count_calls_of.register_forward_pre_hook(
+                lambda *_: self.begin_scale(0 if self.scale is None else self.scale + 1))
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            self.release()
+
+    def begin_scale(self, si: int) -> None:
+        """The sampling loop is about to run scale ``si`` through the blocks."""
+        self.scale = si
+
+    def scale_of(self, x: torch.Tensor) -> int | None:
+        """The scale of a block input ``x`` (B, L, C): the one the sampling loop runs, None outside a sampling
+        call. ``RuntimeError`` if ``x`` has not that scale's token count (the loop and fastvar disagree)."""
+        si = self.scale
+        if si is not None and x.shape[1] != self.schedule.tokens[si]:
+            raise RuntimeError(f"a block got {x.shape[1]} tokens while scale {si} ({self.schedule.tokens[si]} tokens) "
+                               "runs: the sampling loop and fastvar's scale count disagree")
+        return si
 
     def acts_on(self, si: int, layer: int) -> bool:
         """Whether block ``layer`` prunes or caches at scale ``si``; if not it runs unchanged."""
@@ -71,5 +98,6 @@ class FastVARState:
         return select_random(x, keep, torch.Generator(device=x.device).manual_seed(seed))
 
     def release(self) -> None:
-        """Free the cached branch outputs (after each generation and on unpatch)."""
+        """Free the cached branch outputs and forget the scale (after each generation and on unpatch)."""
         self._cache.clear()
+        self.scale = None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from fastvar.models.bsq_vae import BSQVAE
 from fastvar.models.hart import HART, HARTTokenizer
 from fastvar.models.infinity import Infinity
 from fastvar.models.var import VAR, VQVAE
+from fastvar.pruning import token_scores
 
 REFERENCE_ENV = "FASTVAR_REFERENCE"
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -174,6 +177,42 @@ def tiny_text_encoder():
     return transformers.T5EncoderModel(config).eval(), tokenizer
 
 
+# ----------------------------------------------------------------------------- comparing with reference runs
+
+INFINITY_TOP_P_BOUNDARY = math.log(0.97 / 0.03)  # |l1 - l0| beyond which top-p 0.97 forces the likelier bit
+
+
+def bit_decision_margins(g_seed: int, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per scale of an Infinity run (top-p 0.97), how far each reference bit's decision lies from flipping, in
+    logit units. The sampler's draws depend only on shapes: regenerate them from g_seed (one Exp(1) pair per
+    bit)."""
+    g = torch.Generator().manual_seed(g_seed)
+    margins = []
+    for scale_logits in logits:
+        l = scale_logits.reshape(-1, 2)
+        e = torch.empty_like(l).exponential_(generator=g).log()
+        diff = l[:, 1] - l[:, 0]
+        race = (diff - (e[:, 1] - e[:, 0])).abs()
+        forced = diff.abs() > INFINITY_TOP_P_BOUNDARY
+        margins.append(torch.where(forced, torch.inf, race).minimum((diff.abs() - INFINITY_TOP_P_BOUNDARY).abs()))
+    return margins
+
+
+def assert_same_selection(x: torch.Tensor, keep: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """``keep`` and ``expected`` select the same tokens of ``x`` in the same order, up to float rounding:
+    tokens may trade places only where their scores are within ``rtol`` (of the largest score)."""
+    score = token_scores(x.float())
+    tol = rtol * score.amax(dim=1, keepdim=True)
+    in_expected_order = score.gather(1, expected.long())
+    assert (in_expected_order[:, 1:] <= in_expected_order[:, :-1] + tol).all(), "order is not by descending score"
+    kept, kept_expected = (torch.zeros_like(score, dtype=torch.bool).scatter(1, i.long(), True)
+                           for i in (keep, expected))
+    boundary = in_expected_order[:, -1:]
+    assert ((kept == kept_expected) | ((score - boundary).abs() <= tol)).all(), "a token far from the boundary"
+    in_own_order = score.gather(1, keep.long())
+    assert (in_own_order[:, 1:] <= in_own_order[:, :-1]).all(), "the selection is not by descending score"
+
+
 # ----------------------------------------------------------------------------- HART reference
 
 
@@ -235,11 +274,11 @@ def tiny_hart(seed: int = 0, **fields) -> HART:
     return model.eval().requires_grad_(False)
 
 
-def hart_text(lens: list[int], seed: int = 0) -> dict:
-    """Text features with the first ``lens[b]`` tokens of row b real, the rest padding."""
+def hart_text(lens: list[int], seed: int = 0, tokens: int = HART_TEXT_TOKENS) -> dict:
+    """Text features of ``tokens`` tokens per row, the first ``lens[b]`` of row b real, the rest padding."""
     g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(HART_TEXT_TOKENS)[None, :] < torch.tensor(lens)[:, None]
-    return dict(B=len(lens), label_B=torch.randn(len(lens), HART_TEXT_TOKENS, HART_TEXT_DIM, generator=g),
+    mask = torch.arange(tokens)[None, :] < torch.tensor(lens)[:, None]
+    return dict(B=len(lens), label_B=torch.randn(len(lens), tokens, HART_TEXT_DIM, generator=g),
                 context_mask=mask, context_position_ids=mask.cumsum(dim=1) - 1)
 
 

@@ -21,16 +21,20 @@ from fastvar.pruning import gather_tokens, restore, select_pivotal
 
 
 class Oracle:
-    """FastVAR's per-branch rule for one resolved schedule, from the primitives."""
+    """FastVAR's per-branch rule for one resolved schedule and one generation, from the primitives. The
+    scale is counted: every scale runs the blocks in order, so the first block starts the next scale."""
 
     def __init__(self, schedule, blocks):
-        self.schedule, self.cache = schedule, {}
+        self.schedule, self.cache, self.scale = schedule, {}, -1
         self.layer = {id(b): i for i, b in enumerate(blocks)}
-        self.scale = {n: si for si, n in enumerate(schedule.tokens)}
+
+    def block_starts(self, block) -> None:
+        if self.layer[id(block)] == 0:
+            self.scale += 1
 
     def branch(self, block, name, x, run):
         """``run(tokens, idx)`` is the branch; returns its output over the whole map."""
-        s, layer, si = self.schedule, self.layer[id(block)], self.scale[x.shape[1]]
+        s, layer, si = self.schedule, self.layer[id(block)], self.scale
         if layer not in s.layers or s.keep[si] is None:
             out = run(x, None)
             if layer in s.layers and si == s.cache_scale:
@@ -68,6 +72,7 @@ def assert_same_calls(patched, oracle, schedule, names):
 
 def var_oracle_forward(oracle):
     def forward(self, x, cond_BD, attn_bias):
+        oracle.block_starts(self)
         if self.shared_aln:
             g1, g2, s1, s2, b1, b2 = (self.ada_gss + cond_BD).unbind(2)
         else:
@@ -108,6 +113,7 @@ def test_var_matches_the_oracle_branch_by_branch(monkeypatch, shared_aln, config
 
 def infinity_oracle_forward(oracle):
     def forward(self, x, cond_BD, ca_kv, rope):
+        oracle.block_starts(self)
         g1, g2, s1, s2, b1, b2 = (self.ada_gss + cond_BD).unbind(2)
 
         def rows(idx):  # each batch row's rotary rows at its kept positions: (2, B, 1, k, D/2)
@@ -150,6 +156,8 @@ def test_infinity_matches_the_oracle_branch_by_branch(monkeypatch):
 
 def hart_oracle_forward(oracle):
     def forward(self, x, rope):
+        oracle.block_starts(self)
+
         def rows(idx):  # each batch row's rotary rows at its kept positions: (2, B, k, D)
             return rope if idx is None else torch.stack([rope.expand(-1, len(idx), -1, -1)[:, b, i]
                                                          for b, i in enumerate(idx)], dim=1)
@@ -159,14 +167,25 @@ def hart_oracle_forward(oracle):
     return forward
 
 
-def test_hart_matches_the_oracle_branch_by_branch(monkeypatch):
-    model = tiny_hart()
+@pytest.mark.parametrize("context, config", [
+    (6, FastVARConfig(prune={-3: 0.3, -2: 0.5, -1: 0.75}, layers=[1])),
+    (1, FastVARConfig(prune={-2: 0.5, -1: 0.75})),  # as many text tokens as the 1x1 map the text stands in for
+    (4, FastVARConfig(prune={2: 0.5, -1: 0.75}, cache_scale=1)),  # the text has the cache scale's (2x2) count
+    (16, FastVARConfig(prune={3: 0.5, -1: 0.6})),  # the text has the count of the pruned 4x4 scale
+], ids=["context-6", "context-1", "context-4", "context-16"])
+def test_hart_matches_the_oracle_branch_by_branch(monkeypatch, context, config):
+    """Whatever the prompt's token count, the text stage is the text: never pruned nor cached."""
+    model = tiny_hart(context_token=context)
+    prompt = hart_text([min(2, context), context], seed=1, tokens=context)
 
     def generate():
         torch.manual_seed(0)  # the diffusion noise
-        return model.autoregressive_infer_cfg(**hart_text([2, 5], seed=1), g_seed=3, cfg=2.5, more_smooth=True)
+        return model.autoregressive_infer_cfg(**prompt, g_seed=3, cfg=2.5, more_smooth=True)
 
-    fastvar.patch(model, FastVARConfig(prune={-3: 0.3, -2: 0.5, -1: 0.75}, layers=[1]))
+    unpatched = generate()
+    fastvar.patch(model, "none")
+    assert torch.equal(generate(), unpatched)
+    fastvar.patch(model, config)
     schedule = model._fastvar.schedule
     patched_calls = record_branch_inputs(model.blocks, ("attn", "ffn"))
     image = generate()
@@ -178,3 +197,4 @@ def test_hart_matches_the_oracle_branch_by_branch(monkeypatch):
     oracle_calls = record_branch_inputs(model.blocks, ("attn", "ffn"))
     assert torch.equal(generate(), image)
     assert_same_calls(patched_calls, oracle_calls, schedule, ("attn", "ffn"))
+    assert schedule.tokens[0] == context and schedule.tokens_run(0, 0) == context

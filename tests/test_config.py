@@ -92,12 +92,12 @@ def test_pruning_a_whole_scale_warns_that_skipping_is_cheaper():
     assert config.resolve(SQUARE_256, depth=4).keep[-1] == 0
 
 
-def test_text_stages_and_ambiguous_token_counts_are_refused():
+def test_text_stages_are_refused_and_equal_token_counts_are_fine():
     shapes = [(1, 6), (2, 2), (3, 3), (4, 4)]
     with pytest.raises(ValueError, match=r"scale 0 holds the text tokens"):
         FastVARConfig(prune={0: 0.5}).resolve(shapes, 2, text_scales=1)
     with pytest.raises(ValueError, match=r"the cache scale \(index 0\) would be the text stage"):
         FastVARConfig(prune={1: 0.5}).resolve(shapes, 2, text_scales=1)
     assert FastVARConfig(prune={-1: 0.5}).resolve(shapes, 2, text_scales=1).cache_scale == 2
-    with pytest.raises(ValueError, match=r"two scales of .* have the same token count"):
-        FastVARConfig(prune={-1: 0.5}).resolve([(1, 4), (2, 2), (3, 3)], 2, text_scales=1)
+    same_counts = FastVARConfig(prune={-1: 0.5}).resolve([(1, 4), (2, 2), (3, 3), (4, 1)], 2, text_scales=1)
+    assert same_counts.tokens == (4, 4, 9, 4) and same_counts.keep == (None, None, None, 2)

@@ -10,39 +10,19 @@ bit that lies within it.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import InfinityReference, load_reference, reference_cases
+from conftest import InfinityReference, bit_decision_margins, load_reference, reference_cases
 
 import fastvar
 
 LOGIT_TOL = 1e-2
-TOP_P_BOUNDARY = math.log(0.97 / 0.03)  # |l1 - l0| beyond which top-p 0.97 forces the likelier bit
 
 
 def sampling_kwargs(case: dict) -> dict:
     call = case["call"]
     keys = ("B", "g_seed", "cfg_list", "tau_list", "top_k", "top_p", "cfg_insertion_layer", "vae_type")
     return {k: call[k] for k in keys}
-
-
-def decision_margins(case: dict, logits: dict[int, torch.Tensor], executed: int) -> list[torch.Tensor]:
-    """Per scale, how far each reference bit's decision lies from flipping (in logit units).
-
-    The sampler's draws depend only on shapes: regenerate them from g_seed (one Exp(1) pair per bit).
-    """
-    g = torch.Generator().manual_seed(case["g_seed"])
-    margins = []
-    for si in range(executed):
-        l = logits[si].reshape(-1, 2)
-        e = torch.empty_like(l).exponential_(generator=g).log()
-        diff = l[:, 1] - l[:, 0]
-        race = (diff - (e[:, 1] - e[:, 0])).abs()
-        forced = diff.abs() > TOP_P_BOUNDARY
-        margins.append(torch.where(forced, torch.inf, race).minimum((diff.abs() - TOP_P_BOUNDARY).abs()))
-    return margins
 
 
 def check_against(reference, outputs, case, model, vae):
@@ -64,7 +44,7 @@ def check_against(reference, outputs, case, model, vae):
     assert torch.equal(summed.squeeze(2), outputs[f"{name}.summed_codes"])
 
     # Free running: exact bits until the first reference bit within the logit tolerance of its boundary.
-    margins = decision_margins(case, ref_logits, executed)
+    margins = bit_decision_margins(case["g_seed"], [ref_logits[si] for si in range(executed)])
     _, bits, summed = model.autoregressive_infer_cfg(vae, schedule, text, **sampling_kwargs(case))
     assert len(bits) == executed
     for si in range(executed):

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HartReference, attended_keys, hart_text, load_reference, reference_cases, tiny_hart
+from conftest import (
+    HartReference,
+    assert_same_selection,
+    attended_keys,
+    hart_text,
+    load_reference,
+    reference_cases,
+    tiny_hart,
+)
 
 import fastvar
 import fastvar.models.hart as hart_module
@@ -25,25 +33,6 @@ def sampling_margins(logits: torch.Tensor, rng_state: torch.Tensor) -> torch.Ten
     exponential = torch.empty(B * l, V).exponential_(generator=rng)
     top2 = (logits.reshape(-1, V).log_softmax(-1) - exponential.log()).topk(2, dim=-1).values
     return (top2[:, 0] - top2[:, 1]).view(B, l)
-
-
-def pivotal_scores(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=-1)
-
-
-def assert_same_selection(x: torch.Tensor, keep: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
-    """``keep`` and ``expected`` select the same tokens of ``x`` in the same order, up to float rounding:
-    tokens may trade places only where their scores are within ``rtol`` (of the largest score)."""
-    score = pivotal_scores(x.float())
-    tol = rtol * score.amax(dim=1, keepdim=True)
-    in_expected_order = score.gather(1, expected.long())
-    assert (in_expected_order[:, 1:] <= in_expected_order[:, :-1] + tol).all(), "order is not by descending score"
-    kept, kept_expected = (torch.zeros_like(score, dtype=torch.bool).scatter(1, i.long(), True)
-                           for i in (keep, expected))
-    boundary = in_expected_order[:, -1:]
-    assert ((kept == kept_expected) | ((score - boundary).abs() <= tol)).all(), "a token far from the boundary"
-    in_own_order = score.gather(1, keep.long())
-    assert (in_own_order[:, 1:] <= in_own_order[:, :-1]).all(), "the selection is not by descending score"
 
 
 def record(monkeypatch, model, teacher: dict | None = None):

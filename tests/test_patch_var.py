@@ -191,3 +191,32 @@ def test_upstream_shaped_objects_are_recognised_by_name_and_attributes():
     del VAR.vae_proxy
     with pytest.raises(TypeError, match="cannot patch this VAR"):
         find_adapter(VAR())
+
+
+def upstream_shaped(var: nn.Module) -> nn.Module:
+    """An object of the upstream interface sharing ``var``'s modules: a class named VAR (not fastvar's) whose
+    own sampling loop, like upstream's, does not say which scale runs."""
+
+    class VAR(nn.Module):  # noqa: N801 - the upstream class name is what is recognised
+        get_logits = var_module.VAR.get_logits
+
+        def autoregressive_infer_cfg(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False):
+            return var_module.generate(self, B, label_B, g_seed, cfg, top_k, top_p, more_smooth)
+
+    upstream = VAR.__new__(VAR)
+    upstream.__dict__.update(var.__dict__)
+    return upstream
+
+
+@pytest.mark.parametrize("config", ["default", FastVARConfig(prune={-3: 0.3, -1: 0.6}, cache_scale=1, layers=[0, 2])])
+def test_upstream_loops_scales_are_counted(var, config):
+    """The upstream loop does not say which scale runs: the patched root counts its first block's calls.
+    (The two objects share their blocks, so one is patched at a time.)"""
+    skipping = FastVARConfig(prune={-2: 0.5}, skip_last=1)  # runs fastvar's loop on the upstream object
+    expected = [generate(fastvar.patch(var, c)) for c in (config, skipping)]
+    fastvar.unpatch(var)
+    upstream = fastvar.patch(upstream_shaped(var), config)
+    assert type(upstream).__name__ == "FastVARVAR" and upstream._fastvar.scale is None
+    assert torch.equal(generate(upstream), expected[0])
+    assert upstream._fastvar.scale is None  # forgotten after the call
+    assert torch.equal(generate(fastvar.patch(upstream, skipping)), expected[1])

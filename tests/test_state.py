@@ -51,3 +51,28 @@ def test_pruned_scale_before_its_cache_is_an_error_and_release_frees_the_cache()
     state.release()
     with pytest.raises(RuntimeError):
         state.run_branch(0, "attn", 2, torch.randn(1, 24, 3), lambda t, idx: t)
+
+
+def test_the_scale_is_the_loops_and_a_block_of_another_token_count_is_an_error():
+    state = make_state(prune={-1: 0.5})
+    x = torch.randn(1, 6, 3)
+    assert state.scale_of(x) is None  # outside a sampling call every block runs as unpatched
+    with pytest.raises(KeyError), state.sampling():
+        state.begin_scale(1)
+        assert state.scale_of(x) == 1
+        with pytest.raises(RuntimeError, match=r"a block got 24 tokens while scale 1 \(6 tokens\) runs"):
+            state.scale_of(torch.randn(1, 24, 3))
+        raise KeyError  # a failed call still forgets its scale and frees the cache
+    assert state.scale is None
+
+
+def test_a_loop_that_does_not_say_the_scale_has_its_first_blocks_calls_counted():
+    state, first = make_state(), torch.nn.Identity()
+    with state.sampling(count_calls_of=first):
+        seen = [state.scale]
+        for _ in SHAPES:
+            first(None)
+            seen.append(state.scale)
+    assert seen == [None, 0, 1, 2] and state.scale is None
+    first(None)
+    assert state.scale is None  # the counter is gone with the call

@@ -29,7 +29,7 @@ def make_block_class(parent: type) -> type:
 
         def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
-            si = state.scale_of(x.shape[1])
+            si = state.scale_of(x)
             if si == 0:  # the cache holds only the tokens this block will run
                 reserve_kv(self.attn, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
@@ -54,11 +54,9 @@ def make_root_class(parent: type) -> type:
             """Sampling as unpatched; skipped final scales are not run (nor the diffusion head, which
             belongs to the last scale) and the image is decoded from what the earlier scales accumulated."""
             state = self._fastvar
-            try:
+            with state.sampling():
                 return generate(self, *args, num_scales=state.schedule.executed, guided_scales=state.schedule.guided,
-                                **kwargs)
-            finally:
-                state.release()
+                                on_scale=state.begin_scale, **kwargs)
 
     return FastVARHART
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
-from fastvar.models.infinity import TEMPLATE_SCALES, ada_layer_norm
+from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, ada_layer_norm
 from fastvar.models.kv_cache import reserve_kv
 from fastvar.summary import CostModel
 
@@ -31,7 +31,7 @@ def make_block_class(parent: type) -> type:
 
         def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: tuple, rope: torch.Tensor) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
-            si = state.scale_of(x.shape[1])
+            si = state.scale_of(x)
             if si == 0:  # the cache holds only the tokens this block will run
                 reserve_kv(self.sa, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
@@ -64,7 +64,7 @@ def make_upstream_block_class(parent: type) -> type:
         def forward(self, x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
                     rope2d_freqs_grid=None, scale_ind=0):
             state, layer = self._fastvar, self._fastvar_layer
-            si = state.scale_of(x.shape[1]) if attn_bias_or_two_vector is None else None
+            si = state.scale_of(x)
             if si is None or not state.acts_on(si, layer):
                 return super().forward(x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn, scale_schedule,
                                        rope2d_freqs_grid, scale_ind)
@@ -107,21 +107,22 @@ def make_root_class(parent: type) -> type:
         def autoregressive_infer_cfg(self, *args, **kwargs):
             """Sampling as unpatched, with the config resolved for this call's schedule. Skipped final
             scales are cut with the official ``trunk_scale``: the image is decoded from the codes the
-            earlier scales accumulated."""
-            state = self._fastvar
+            earlier scales accumulated. fastvar's Infinity says which scale runs; the upstream object's
+            scales are counted."""
+            state, own = self._fastvar, isinstance(self, Infinity)
             call = inspect.signature(super().autoregressive_infer_cfg).bind(*args, **kwargs)
             schedule = call.arguments["scale_schedule"]
             state.set_shapes([(h, w) for _, h, w in schedule], len(self.unregistered_blocks))
             call.arguments["trunk_scale"] = min(call.arguments.get("trunk_scale", 1000), state.schedule.executed)
             if state.schedule.guided < len(schedule):
-                if "guided_scales" not in inspect.signature(super().autoregressive_infer_cfg).parameters:
+                if not own:
                     raise ValueError("turning guidance off at late scales needs fastvar's Infinity "
                                      "(fastvar.models.infinity); the upstream object cannot drop the CFG rows")
                 call.arguments["guided_scales"] = state.schedule.guided
-            try:
+            if own:
+                call.arguments["on_scale"] = state.begin_scale
+            with state.sampling(count_calls_of=None if own else self.unregistered_blocks[0]):
                 return super().autoregressive_infer_cfg(*call.args, **call.kwargs)
-            finally:
-                state.release()
 
     return FastVARInfinity
 

@@ -8,7 +8,7 @@ from torch import nn
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.kv_cache import reserve_kv
-from fastvar.models.var import generate
+from fastvar.models.var import VAR, generate
 from fastvar.summary import CostModel
 
 REQUIRED = ("patch_nums", "blocks", "autoregressive_infer_cfg", "vae_proxy")
@@ -23,15 +23,12 @@ def ada_ln_chunks(block: nn.Module, cond: torch.Tensor) -> tuple[torch.Tensor, .
 
 def make_block_class(parent: type) -> type:
     class FastVARBlock(parent):
-        """The VAR block with each branch routed through the FastVAR state.
-
-        The block receives no scale index: it is recognised from the token count. The teacher-forced
-        pass (with an attention mask) and scales the schedule leaves alone run the original forward.
-        """
+        """The VAR block with each branch routed through the FastVAR state. Calls outside sampling (the
+        teacher-forced pass) and scales the schedule leaves alone run the original forward."""
 
         def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
             state, layer = self._fastvar, self._fastvar_layer
-            si = state.scale_of(x.shape[1]) if attn_bias is None else None
+            si = state.scale_of(x)
             if si == 0:  # the cache holds only the tokens this block will run
                 reserve_kv(self.attn, state.schedule.kv_tokens(layer))
             if si is None or not state.acts_on(si, layer):
@@ -55,15 +52,15 @@ def make_root_class(parent: type) -> type:
         @torch.no_grad()
         def autoregressive_infer_cfg(self, *args, **kwargs) -> torch.Tensor:
             """Sampling as unpatched; skipped final scales are not run and the image is decoded
-            from what the earlier scales accumulated; scales without guidance run the conditional rows."""
-            state, K = self._fastvar, len(self.patch_nums)
-            try:
-                if state.schedule.executed == K and state.schedule.guided == K:
+            from what the earlier scales accumulated; scales without guidance run the conditional rows.
+            An upstream object that needs neither runs its own loop, whose scales are counted."""
+            state, schedule, K = self._fastvar, self._fastvar.schedule, len(self.patch_nums)
+            if not isinstance(self, VAR) and schedule.executed == K and schedule.guided == K:
+                with state.sampling(count_calls_of=self.blocks[0]):
                     return super().autoregressive_infer_cfg(*args, **kwargs)
-                return generate(self, *args, num_scales=state.schedule.executed, guided_scales=state.schedule.guided,
-                                **kwargs)
-            finally:
-                state.release()
+            with state.sampling():
+                return generate(self, *args, num_scales=schedule.executed, guided_scales=schedule.guided,
+                                on_scale=state.begin_scale, **kwargs)
 
     return FastVARVAR
 

@@ -15,7 +15,7 @@ then the official configuration. The diffusion head is in ``fastvar.models.diffu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -411,12 +411,13 @@ def generate(
     top_p: float = 0.0, more_smooth: bool = False, context_position_ids: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None, final_stage: int = 0, num_maskgit_iters: int = 1, *,
     generator: torch.Generator | None = None, progress: bool = False, num_scales: int | None = None,
-    guided_scales: int | None = None,
+    guided_scales: int | None = None, on_scale: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """The HART sampling loop (``HART.autoregressive_infer_cfg``). ``num_scales`` < K runs only the
     first scales and decodes what they accumulated (scale skipping: no diffusion residual then). From
     scale ``guided_scales`` on only the conditional rows run, at guidance weight 0 (the diffusion head's
-    too), drawing the same random numbers as with guidance."""
+    too), drawing the same random numbers as with guidance. ``on_scale(si)`` is called before the blocks
+    run scale ``si`` (0: the text), so that fastvar's patch knows the scale whatever its token count."""
     hart.check_call(B, label_B, context_position_ids, context_mask, final_stage, num_maskgit_iters)
     K, final_pn = len(hart.patch_nums), hart.patch_nums[-1]
     num_scales = K if num_scales is None else num_scales
@@ -445,6 +446,8 @@ def generate(
             x, cond_BTD, positions, offsets = x[:B], cond_BTD[:B], positions[:B], offsets[:B]
         rope = context_rope(positions, hart.head_dim) if si == 0 else image_rope(pn, final_pn, offsets,
                                                                                   hart.head_dim)
+        if on_scale is not None:
+            on_scale(si)
         for block in hart.blocks:
             x = block(x, rope)
         logits = hart.get_logits(x, cond_BTD)

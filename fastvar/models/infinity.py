@@ -8,7 +8,7 @@ top to bottom: scale schedules, 2-D rotary positions, attention, blocks, the mod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -389,13 +389,15 @@ class Infinity(nn.Module):
         cfg_list: Sequence[float] = (), tau_list: Sequence[float] = (), top_k: int = 0, top_p: float = 0.0,
         cfg_insertion_layer: Sequence[int] = (0,), vae_type: int = 0, ret_img: bool = False, trunk_scale: int = 1000,
         gt_leak: int = 0, gt_ls_Bl: Sequence[torch.Tensor] | None = None, progress: bool = False,
-        on_scale_logits=None, guided_scales: int | None = None, **official_options,
+        on_scale_logits=None, guided_scales: int | None = None, on_scale: Callable[[int], None] | None = None,
+        **official_options,
     ):
         """The official sampling call. cfg_list / tau_list: guidance and temperature per scale.
         cfg_insertion_layer: 0 mixes CFG on the logits, a negative i on the output of block depth+i.
         trunk_scale: only the scales before it run; the image is decoded from what they accumulated.
         gt_leak / gt_ls_Bl: the bits (B, h, w, d) of the first ``gt_leak`` scales are given instead of
-        sampled (teacher forcing). ``on_scale_logits(si, logits)`` sees the logits handed to the sampler.
+        sampled (teacher forcing). ``on_scale(si)`` is called before the blocks run scale ``si`` (fastvar's
+        patch learns the scale from it); ``on_scale_logits(si, logits)`` sees the logits handed to the sampler.
         From scale ``guided_scales`` on the unconditional rows are not run: those scales take the cfg-1
         path (the conditional logits alone) at half the batch.
 
@@ -440,6 +442,8 @@ class Infinity(nn.Module):
             cfg, n = (cfg_list[si] if rows > B else 1), t * h * w
             x[:, :n] += self.lvl_embed(torch.full((rows, n), si, dtype=torch.int, device=device))
             scale_rope = rope[:, begin : begin + n]
+            if on_scale is not None:
+                on_scale(si)
             for layer, block in enumerate(blocks):
                 x = block(x, cond, ca_kv, scale_rope)
                 if cfg != 1 and layer in mix_layers:

@@ -9,7 +9,7 @@ transformer (attention, FFN, block, VAR), then sampling.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -482,14 +482,15 @@ def check_labels(label_B: torch.Tensor | int | None, B: int, num_classes: int) -
 @torch.no_grad()
 def generate(
     var: nn.Module, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None, cfg: float = 1.5,
-    top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, num_scales: int | None = None,
-    progress: bool = False, guided_scales: int | None = None,
+    top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, progress: bool = False, *,
+    num_scales: int | None = None, guided_scales: int | None = None, on_scale: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """The VAR sampling loop, on fastvar's VAR or the upstream object (same attributes).
 
     ``num_scales`` < K runs only the first scales and decodes what they accumulated (scale skipping).
     From scale ``guided_scales`` on only the conditional rows run, sampled from their own logits (guidance
     weight 0); that needs fastvar's attention, whose cache continues the conditional rows.
+    ``on_scale(si)`` is called before the blocks run scale ``si`` (fastvar's patch learns the scale from it).
     One generator seeded with ``g_seed`` feeds, per scale, the token draw then the Gumbel draw.
     """
     check_sampling(B, top_k, top_p, cfg)
@@ -528,6 +529,8 @@ def generate(
         if si == guided_scales:  # the unconditional rows stop here
             x, cond_BD = x[:B], cond_BD[:B]
         cond = var.shared_ada_lin(cond_BD)
+        if on_scale is not None:
+            on_scale(si)
         for block in var.blocks:
             x = block(x=x, cond_BD=cond, attn_bias=None)
         logits = var.get_logits(x, cond_BD)
