@@ -20,9 +20,10 @@ import fastvar
 from fastvar import sampler
 from fastvar.bench import benchmark, format_results, results_json
 from fastvar.config import FastVARConfig
+from fastvar.dtypes import DTYPES, dtype_name
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipelines import PIPELINES
-from fastvar.pipelines.base import DTYPES, Pipeline, Preset, resolve_device
+from fastvar.pipelines.base import Pipeline, Preset, resolve_device
 
 USER_ERRORS = (ValueError, WeightsUnavailableError, ImportError)  # what a wrong option or a missing file raises
 
@@ -168,7 +169,7 @@ def bench(args: argparse.Namespace) -> None:
     results = benchmark(pipe, inputs, presets, repeats=repeats, warmup=args.warmup,
                         report=lambda line: print(line, file=sys.stderr))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    dtype = next(k for k, v in DTYPES.items() if v == pipe.dtype)
+    dtype = dtype_name(pipe.dtype)
     title = (f"{pipe.describe()} batch {args.batch} {dtype} on {where}, torch {torch.__version__}; "
              f"{repeats} alternated runs after {args.warmup} warm-up (ms)")
     print(format_results(results, title))

@@ -136,7 +136,8 @@ def test_half_precision_is_stored_as_the_official_inference_stores_it(official, 
     assert pipe.text_encoder.dtype == torch.float16
     var = VARPipeline.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
     assert var.dtype == torch.bfloat16 and {p.dtype for p in var.transformer.parameters()} == {torch.float32}
-    with pytest.raises(ValueError, match=r"dtype 'fp16' is not supported for infinity; supported: \['fp32', 'bf16'\]"):
+    with pytest.raises(ValueError, match=r"infinity dtype 'fp16' is not supported; supported: fp32 \(torch.float32\), "
+                                         r"bf16 \(torch.bfloat16\)"):
         InfinityPipeline.from_pretrained(folder, dtype="fp16")
 
 

@@ -16,9 +16,9 @@ from torch import nn
 import fastvar
 from fastvar.adapters.base import Adapter
 from fastvar.config import FastVARConfig
+from fastvar.dtypes import resolve_dtype
 from fastvar.hub import WeightsUnavailableError, hub_unreachable_reason
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Preset = FastVARConfig | str | None
 
 
@@ -52,13 +52,7 @@ class Pipeline:
     @classmethod
     def check_dtype(cls, dtype: torch.dtype | str | None) -> torch.dtype:
         """A supported precision: a torch dtype or 'fp32' / 'bf16' / 'fp16'; None is float32."""
-        if dtype is None:
-            return torch.float32
-        resolved = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if resolved not in cls.dtypes:
-            names = [k for k, v in DTYPES.items() if v in cls.dtypes]
-            raise ValueError(f"dtype {dtype!r} is not supported for {cls.family}; supported: {names}")
-        return resolved
+        return resolve_dtype(dtype, cls.dtypes, f"{cls.family} dtype")
 
     offload_device: torch.device | None = None  # set by enable_model_cpu_offload
 
