@@ -23,7 +23,8 @@ var.eval()
 schedules = {
     "default preset": "default",
     "prune the last three scales": FastVARConfig(prune={-3: 0.3, -2: 0.5, -1: 0.6}),
-    "prune in the middle blocks only": FastVARConfig(prune={-2: 0.4, -1: 0.5}, layers=range(2, args.depth - 2)),
+    "prune in the middle blocks only": FastVARConfig(prune={-2: 0.4, -1: 0.5},  # none of 4 blocks or fewer
+                                                     layers=lambda i, depth: 2 <= i < depth - 2),
     "skip the last scale": FastVARConfig(skip_last=1),
 }
 

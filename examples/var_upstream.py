@@ -4,12 +4,26 @@
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
 import fastvar
 
-repo, var_ckpt, vae_ckpt = sys.argv[1:4]
+
+def problem(args: list[str]) -> str | None:
+    """What is wrong with the command line, None if nothing."""
+    if len(args) != 3:
+        return f"give 3 arguments, not {len(args)}"
+    if not (Path(args[0]) / "models").is_dir():
+        return f"{args[0]} is not a clone of FoundationVision/VAR, which holds a models/ folder"
+    return next((f"{name} is not a file" for name in args[1:] if not Path(name).is_file()), None)
+
+
+if wrong := problem(sys.argv[1:]):
+    print(f"usage: python examples/var_upstream.py VAR_REPO VAR_CKPT VAE_CKPT ({wrong})", file=sys.stderr)
+    sys.exit(2)
+repo, var_ckpt, vae_ckpt = sys.argv[1:]
 sys.path.insert(0, repo)
 from models import build_vae_var  # noqa: E402  (the upstream package)
 

@@ -1,5 +1,10 @@
 """The fastvar command: generate images, bench FastVAR against the unpatched model, sample evaluation sets
-and compare presets' outputs, for every family in ``fastvar.pipelines.PIPELINES``."""
+and compare presets' outputs, for every model family fastvar has a pipeline for.
+
+Every mistake is one 'error:' line (exit status 2), found before anything is loaded where it can be: the
+inputs, the sampling options, the FastVAR presets and configs against the model's schedule, and every output
+path, which is probed by writing to it.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,26 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 import fastvar
-from fastvar import sampler
+from fastvar import run_folder, sampler
 from fastvar.bench import benchmark, format_results, results_json
 from fastvar.config import FastVARConfig
-from fastvar.dtypes import DTYPES, dtype_name
+from fastvar.dtypes import DTYPES, dtype_name, resolve_dtype
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipelines import PIPELINES
 from fastvar.pipelines.base import Pipeline, Preset, resolve_device
 
 USER_ERRORS = (ValueError, WeightsUnavailableError, ImportError)  # what a wrong option or a missing file raises
+MAX_GENERATE = 64  # images of one generate command (one batch, one grid); fastvar sample batches more
 
 
 class UserError(Exception):
@@ -37,13 +45,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-class HelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default, where it has one."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, where it has one; descriptions keep their paragraphs."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
-        if shown and "%(default)" not in text:
+        if shown and "%(default)" not in text and "(default:" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -72,16 +80,69 @@ def to_grid(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def check_output(path: str) -> Path:
-    """An image file PIL can write, in a folder that exists."""
+# ----------------------------------------------------------------------------- outputs, probed before any work
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """``folder`` exists and a file can be made in it (made and removed: permissions and read-only mounts
+    alike)."""
+    if not folder.is_dir():
+        raise UserError(f"{what}: the folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or err})") from None
+
+
+def check_output_file(path: str, what: str) -> Path:
+    """A file that can be written: not a folder, in a writable folder, itself writable if it exists."""
     out = Path(path)
-    if out.suffix.lower() not in Image.registered_extensions() or out.suffix.lower() in (".pdf", ".eps"):
-        raise UserError(f"--out {path}: the file name must end in an image format such as .png or .jpg")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {path}: the folder {out.parent} does not exist")
-    if out.is_dir() or not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {path}: cannot write there")
+    if out.is_dir():
+        raise UserError(f"{what}: {out} is a folder; give a file name")
+    check_writable(out.parent, what)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"{what}: {out} exists and cannot be written")
     return out
+
+
+def check_image_output(path: str) -> Path:
+    """An image file PIL can write, where it can be written."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in Image.registered_extensions() or suffix in (".pdf", ".eps"):
+        raise UserError(f"--out {path}: the file name must end in an image format such as .png or .jpg")
+    return check_output_file(path, f"--out {path}")
+
+
+def check_out_folder(path: str) -> Path:
+    """A folder that is or can be made, and written in."""
+    out = run_folder.check_out_dir(path)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    check_writable(existing, f"--out {path}")
+    return out
+
+
+def rescue(what: str, err: OSError, save: Any) -> None:
+    """A finished result that could not be written where asked: ``save(folder)`` it into a new temporary
+    folder, and say both in the error."""
+    folder = Path(tempfile.mkdtemp(prefix="fastvar-"))
+    save(folder)
+    raise UserError(f"cannot write {what} ({err.strerror or err}); the result is saved in {folder} instead")
+
+
+def save_images(images: Sequence[Image.Image], out: Path) -> list[Path]:
+    """One image as ``out``; several: the grid as ``out`` and each image beside it (``OUT-0.png`` ...)."""
+    if len(images) == 1:
+        images[0].save(out)
+        return [out]
+    to_grid(images).save(out)
+    singles = [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, single in zip(images, singles):
+        image.save(single)
+    return [out, *singles]
+
+
+# ----------------------------------------------------------------------------- what to run, checked before loading
 
 
 def check_presets(names: Sequence[str], family: type[Pipeline]) -> None:
@@ -95,6 +156,32 @@ def chosen_preset(args: argparse.Namespace, family: type[Pipeline]) -> str | Non
         return None
     check_presets([args.preset or family.adapter.default_preset], family)
     return args.preset or family.adapter.default_preset
+
+
+def check_model_options(args: argparse.Namespace, family: type[Pipeline], random: bool, options: dict[str, Any],
+                        variants: dict[str, Preset]) -> None:
+    """The model options (weights files and random weights exclude each other), and every FastVAR variant
+    ({name: preset or config}) resolved against the schedule and depth of the model they name, before it is
+    loaded."""
+    if args.random_weights:
+        given = [f"--{name.replace('_', '-')}" for name in ("weights", "vae_weights", "text_encoder")
+                 if getattr(args, name, None) is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} name(s) files, and --random-weights asks for none: give one")
+    shapes, depth = family.model_plan(args, random, options)
+    for name, variant in variants.items():
+        config = family.adapter.presets[variant] if isinstance(variant, str) else variant
+        try:
+            if config is not None:
+                config.resolve(shapes, depth, family.adapter.text_scales)
+        except ValueError as err:
+            raise UserError(f"{name} does not fit this model ({depth} blocks, {len(shapes)} scales): {err}") from None
+
+
+def check_images(family: type[Pipeline], inputs: list, options: dict[str, Any], seeds: Sequence[int]) -> None:
+    """Every call's inputs and options as the pipeline's call checks them, without a model."""
+    for seed in seeds:
+        family.check_call(**{family.batch_argument: inputs}, **options, seed=seed)
 
 
 @contextlib.contextmanager
@@ -111,25 +198,6 @@ def cache_only() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = before
 
 
-def generate(args: argparse.Namespace) -> None:
-    family = PIPELINES[args.family]
-    out = check_output(args.out)
-    preset = chosen_preset(args, family)
-    inputs, options = family.inputs(args), family.call_arguments(args)
-    pipe = load_pipeline(family, args, random=args.random_weights)
-    images = pipe(**{family.batch_argument: inputs}, **options, seed=args.seed, preset=preset)
-    if fastvar.is_patched(pipe.transformer):
-        print(fastvar.summary(pipe.transformer), file=sys.stderr)
-    if len(images) == 1:
-        images[0].save(out)
-    else:
-        to_grid(images).save(out)
-        for i, image in enumerate(images):
-            image.save(out.with_name(f"{out.stem}-{i}{out.suffix}"))
-    print(f"saved {out}" + (f" (a grid) and {len(images)} single images beside it" if len(images) > 1 else ""),
-          file=sys.stderr)
-
-
 def load_pipeline(family: type[Pipeline], args: argparse.Namespace, random: bool) -> Pipeline:
     """The pipeline the model options name; with ``--offload``, loaded into host memory and offloaded."""
     if not args.offload:
@@ -142,13 +210,41 @@ def load_pipeline(family: type[Pipeline], args: argparse.Namespace, random: bool
         args.device = target
 
 
-def bench_pipeline(args: argparse.Namespace, family: type[Pipeline]) -> Pipeline:
+# ----------------------------------------------------------------------------- the commands
+
+
+def generate(args: argparse.Namespace) -> None:
+    family = PIPELINES[args.family]
+    out = check_image_output(args.out)
+    preset = chosen_preset(args, family)
+    inputs, options = family.inputs(args), family.call_arguments(args)
+    if len(inputs) > MAX_GENERATE:
+        raise UserError(f"{len(inputs)} images asked for; generate makes at most {MAX_GENERATE} (one batch, one "
+                        "grid): fastvar sample makes any number, in batches")
+    check_images(family, inputs, options, [args.seed])
+    check_model_options(args, family, args.random_weights, options, {str(preset): preset})
+    resolve_device(args.device)
+    pipe = load_pipeline(family, args, random=args.random_weights)
+    images = pipe(**{family.batch_argument: inputs}, **options, seed=args.seed, preset=preset)
+    if fastvar.is_patched(pipe.transformer):
+        print(fastvar.summary(pipe.transformer), file=sys.stderr)
+    try:
+        save_images(images, out)
+    except OSError as err:
+        rescue(str(out), err, lambda folder: save_images(images, folder / out.name))
+    print(f"saved {out}" + (f" (a grid) and {len(images)} single images beside it" if len(images) > 1 else ""),
+          file=sys.stderr)
+
+
+def bench_pipeline(args: argparse.Namespace, family: type[Pipeline], options: dict[str, Any]) -> Pipeline:
+    """The official weights at hand, else random weights: timing does not depend on weight values."""
     if args.random_weights:
         return load_pipeline(family, args, random=True)
     try:
+        family.model_plan(args, False, options)  # a cut model (--depth) has no official weights
         with cache_only():
             return load_pipeline(family, args, random=False)
-    except WeightsUnavailableError as err:
+    except (WeightsUnavailableError, ValueError) as err:
         if args.weights:
             raise
         print(f"official weights not at hand ({err}); timing random weights", file=sys.stderr)
@@ -157,26 +253,31 @@ def bench_pipeline(args: argparse.Namespace, family: type[Pipeline]) -> Pipeline
 
 def bench(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
-    items = family.inputs(args)
-    inputs = {**family.call_arguments(args), family.batch_argument: [items[i % len(items)] for i in range(args.batch)]}
+    items, options = family.inputs(args), family.call_arguments(args)
+    inputs = [items[i % len(items)] for i in range(args.batch)]
     presets = args.presets or list(family.adapter.presets)
     check_presets(presets, family)
-    if args.json and not Path(args.json).parent.is_dir():
-        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-    pipe = bench_pipeline(args, family)
+    json_out = None if args.json is None else check_output_file(args.json, f"--json {args.json}")
+    check_images(family, inputs, options, [0])
+    check_model_options(args, family, True, options, {p: p for p in presets})
+    resolve_device(args.device)
+    pipe = bench_pipeline(args, family, options)
     device = pipe.device
     repeats = args.repeats or (5 if device.type == "cuda" else 2)
-    results = benchmark(pipe, inputs, presets, repeats=repeats, warmup=args.warmup,
-                        report=lambda line: print(line, file=sys.stderr))
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    dtype = dtype_name(pipe.dtype)
+    results = benchmark(pipe, {**options, family.batch_argument: inputs}, presets, repeats=repeats,
+                        warmup=args.warmup, report=lambda line: print(line, file=sys.stderr))
+    where, dtype = run_folder.hardware(device), dtype_name(pipe.dtype)
     title = (f"{pipe.describe()} batch {args.batch} {dtype} on {where}, torch {torch.__version__}; "
              f"{repeats} alternated runs after {args.warmup} warm-up (ms)")
     print(format_results(results, title))
-    if args.json:
-        data = results_json(results, model=pipe.describe(), family=args.family, batch=args.batch, dtype=dtype,
-                            device=where, torch=torch.__version__, repeats=repeats, warmup=args.warmup)
-        Path(args.json).write_text(json.dumps(data, indent=1))
+    if json_out is not None:
+        data = json.dumps(results_json(results, model=pipe.describe(), family=args.family, batch=args.batch,
+                                       dtype=dtype, device=where, torch=torch.__version__, repeats=repeats,
+                                       warmup=args.warmup), indent=1)
+        try:
+            json_out.write_text(data)
+        except OSError as err:
+            rescue(str(json_out), err, lambda folder: (folder / json_out.name).write_text(data))
 
 
 def read_items(args: argparse.Namespace, family: type[Pipeline]) -> list[sampler.Item]:
@@ -190,18 +291,22 @@ def sample_command(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
     preset = chosen_preset(args, family)
     items = read_items(args, family)
-    out = sampler.check_out_dir(args.out)
     options = family.call_arguments(args)
+    check_model_options(args, family, args.random_weights, options, {str(preset): preset})
+    out = check_out_folder(args.out)
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
                                                                       ("LOCAL_RANK", 0)))
-    if world > 1:  # launched by torchrun: a barrier is the only collective, so gloo serves CPU and GPU alike
+    if world > 1:  # launched by torchrun: gloo for the two collectives, so the same on CPUs and GPUs
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(hours=2))
         if args.device in ("auto", "cuda") and torch.cuda.is_available():
             args.device = f"cuda:{local_rank}"
     try:
+        sampler.check_plan(family, items, out, args.layout, args.batch, args.seed, preset, options,
+                           resolve_dtype(args.dtype), resolve_device(args.device), args.allow_existing)
         pipe = load_pipeline(family, args, random=args.random_weights)
         summary = sampler.sample(pipe, items, out, layout=args.layout, batch_size=args.batch, seed=args.seed,
-                                 preset=preset, progress=not args.no_progress, **options)
+                                 preset=preset, progress=not args.no_progress, allow_existing=args.allow_existing,
+                                 **options)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
@@ -231,7 +336,7 @@ def variant_from_json(text: str, family: type[Pipeline]) -> tuple[str, FastVARCo
     config = family.adapter.presets[base] if base is not None else FastVARConfig()
     try:
         return name, config.replace(**fields)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UserError(f"--config {name}: {err}") from None
 
 
@@ -240,17 +345,29 @@ def compare_command(args: argparse.Namespace) -> None:
     names = [n for n in args.presets.split(",") if n] if args.presets else []
     check_presets(names, family)
     variants: dict[str, Preset] = {n: n for n in names}
-    variants.update(variant_from_json(text, family) for text in args.configs or [])
+    for text in args.configs or []:
+        name, config = variant_from_json(text, family)
+        if name in variants or name == "unpatched":
+            raise UserError(f"--config {name}: the name {name!r} is taken (by --presets, another --config, or the "
+                            "unpatched model); give each variant its own name")
+        variants[name] = config
     if not variants:
         raise UserError("give --presets NAME[,NAME...] or --config JSON")
     inputs = [i.input for i in read_items(args, family)]
-    out = sampler.check_out_dir(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0]
+    options = family.call_arguments(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    check_images(family, inputs, options, seeds)
+    check_model_options(args, family, args.random_weights, options, variants)
+    out = check_out_folder(args.out)
+    resolve_device(args.device)
     pipe = load_pipeline(family, args, random=args.random_weights)
     comparison = fastvar.compare(pipe, inputs, variants, seeds=seeds, batch_size=args.batch, repeats=args.repeats,
-                                 **family.call_arguments(args))
-    comparison.save(out)
+                                 **options)
     print(comparison.table())
+    try:
+        comparison.save(out)
+    except OSError as err:
+        rescue(f"the comparison into {out}", err, comparison.save)
     print(f"saved compare.txt, compare.json and grid.png (rows: images, columns: unpatched, "
           f"{', '.join(variants)}) in {out}", file=sys.stderr)
 
@@ -272,17 +389,22 @@ def add_model_options(p: argparse.ArgumentParser, family: type[Pipeline]) -> Non
                                                           "while it works (text encoder, transformer, decoder)")
 
 
+def preset_names(family: type[Pipeline]) -> str:
+    return ", ".join(family.adapter.presets)
+
+
 def add_preset_choice(p: argparse.ArgumentParser, family: type[Pipeline]) -> None:
     choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--preset", help=f"FastVAR preset (default: {family.adapter.default_preset})")
+    choice.add_argument("--preset", help=f"FastVAR preset, one of {preset_names(family)} "
+                                         f"(default: {family.adapter.default_preset})")
     choice.add_argument("--no-fastvar", action="store_true", help="run the unpatched model")
 
 
 def add_generate(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
     family.add_input_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--out", default=f"{name}.png", help="image file; several images: a grid, and OUT-0.png ... "
-                                                       "beside it")
+    p.add_argument("--out", default=f"{name}.png", help=f"image file; several images (at most {MAX_GENERATE}): a "
+                                                       "grid, and OUT-0.png ... beside it")
     add_preset_choice(p, family)
     p.set_defaults(func=generate)
 
@@ -291,7 +413,7 @@ def add_bench(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> 
     family.add_input_arguments(p)
     p.add_argument("--batch", type=positive_int, default=1, help="images per call")
     p.add_argument("--preset", dest="presets", action="append",
-                   help="preset to time, repeatable (default: every preset of the family)")
+                   help=f"preset to time, repeatable: {preset_names(family)} (default: all of them)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per variant (default: 5 on CUDA, 2 on the CPU)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
     p.add_argument("--json", help="also write the results to this file as JSON")
@@ -319,13 +441,15 @@ def add_sample(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) ->
     p.add_argument("--batch", type=positive_int, default=1, help="images per call (changes the images)")
     p.add_argument("--seed", type=int, default=0, help="base seed: batch i is seeded SEED + i")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="write into a folder that holds files of no fastvar run (they may be overwritten)")
     add_preset_choice(p, family)
     p.set_defaults(func=sample_command)
 
 
 def add_compare(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
     add_item_options(p, family, per_item=False)
-    p.add_argument("--presets", help=f"presets to compare, comma-separated (of {sorted(family.adapter.presets)})")
+    p.add_argument("--presets", help=f"presets to compare, comma-separated, of {preset_names(family)}")
     example = json.dumps(dict(name="random", preset=family.adapter.default_preset, selection="random"))
     p.add_argument("--config", dest="configs", action="append", help=f"repeatable: a config as JSON, e.g. '{example}'")
     p.add_argument("--seeds", type=seed_list, default="0", help="seeds, comma-separated")
@@ -371,3 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (UserError, *USER_ERRORS) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        resume = "; the same command resumes the run" if args.command == "sample" else ""
+        print(f"\ninterrupted{resume}", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -64,6 +64,10 @@ class FastVARConfig:
                 raise ValueError(f"layers = {layers!r}: give block indices (e.g. range(3, 28) or [0, 2]), "
                                  "fn(layer, depth) -> bool, or None for every block")
             layers = tuple(layers)
+            if not layers:
+                raise ValueError(f"layers = {self.layers!r} names no block, so nothing would be pruned: give block "
+                                 "indices (e.g. range(3, 28) or [0, 2]) or None for every block; to prune nothing, "
+                                 "leave prune empty (the 'none' preset)")
             wrong = [i for i in layers if not isinstance(i, int) or isinstance(i, bool)]
             if wrong:
                 raise ValueError(f"layers: {wrong[0]!r} is not a block index (an int; negative counts from the last)")
@@ -122,9 +126,13 @@ class FastVARConfig:
     def _ratios(self, K: int) -> list[float]:
         if callable(self.prune):
             return [check_ratio(self.prune(si, K), f"prune({si}, {K})") for si in range(K)]
-        ratios = [0.0] * K
+        ratios, named_by = [0.0] * K, {}
         for position, ratio in self.prune.items():
-            ratios[scale_index(position, K, "prune")] = ratio
+            si = scale_index(position, K, "prune")
+            if si in named_by:
+                raise ValueError(f"prune: positions {named_by[si]} and {position} both name scale {si} of {K}; "
+                                 "give each scale once")
+            ratios[si], named_by[si] = ratio, position
         return ratios
 
     def _layers(self, depth: int) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import fastvar
 from fastvar.adapters import find_adapter
@@ -85,13 +85,19 @@ class Comparison:
                 "variants": [{k: clean(v) for k, v in asdict(r).items()} for r in self.reports]}
 
     def grid(self) -> Image.Image:
-        """One row per image (input, seed), one column per variant, unpatched first."""
+        """One row per image (input, seed), one column per variant, unpatched first, under a strip naming each
+        column (a name too long for its column is cut, ending in '...')."""
         columns = [self.images[r.name] for r in self.reports]
         w, h = columns[0][0].size
-        grid = Image.new("RGB", (len(columns) * w, len(columns[0]) * h))
-        for col, images in enumerate(columns):
+        font = ImageFont.load_default(size=max(12, w // 20))
+        pad = font.size // 3
+        top = sum(font.getmetrics()) + 2 * pad
+        grid = Image.new("RGB", (len(columns) * w, top + len(columns[0]) * h), "white")
+        draw = ImageDraw.Draw(grid)
+        for col, (report, images) in enumerate(zip(self.reports, columns)):
+            draw.text((col * w + pad, pad), fitted(report.name, font, w - 2 * pad), fill="black", font=font)
             for row, image in enumerate(images):
-                grid.paste(image, (col * w, row * h))
+                grid.paste(image, (col * w, top + row * h))
         return grid
 
     def save(self, out_dir: str | Path) -> None:
@@ -101,6 +107,15 @@ class Comparison:
         (out / "compare.txt").write_text(self.table() + "\n")
         (out / "compare.json").write_text(json.dumps(self.to_json(), indent=1))
         self.grid().save(out / "grid.png")
+
+
+def fitted(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """``text``, or its longest start ending in '...' that ``font`` draws within ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def image_metrics(images: Sequence[Image.Image], references: Sequence[Image.Image]) -> tuple[list[float], list[float]]:

@@ -134,7 +134,8 @@ class Checkpoint:
                 raise WeightsUnavailableError(f"{self.parameter}={given}: no such file or folder")
             found = self.in_folder(given, explicit=True)
             if found is None:
-                raise WeightsUnavailableError(f"{given} ({self.parameter}) holds none of {self.files}")
+                names = self.names_in(explicit=True)
+                raise WeightsUnavailableError(f"{given} ({self.parameter}) holds none of {names}")
             return found
         folders = [Path(p) for p in search if p is not None]
         for folder in folders:
@@ -156,8 +157,13 @@ class Checkpoint:
     def in_folder(self, folder: Path, explicit: bool = False) -> Path | None:
         """The file inside ``folder`` laid out as the release, if it is there. A folder the user points at
         may also be the release's subfolder itself (the shard folder, HART's ``llm/``)."""
-        names = self.files + ([Path(n).name for n in self.files] if explicit else [])
-        return next((folder / name for name in names if (folder / name).is_file()), None)
+        return next((folder / name for name in self.names_in(explicit) if (folder / name).is_file()), None)
+
+    def names_in(self, explicit: bool) -> list[str]:
+        """The names looked for in a folder: as laid out in the release, and in a folder the user points at
+        (``explicit``) also bare, that folder being the file's own."""
+        bare = [Path(n).name for n in self.files if Path(n).name != n] if explicit else []
+        return self.files + bare
 
     def _from_hub(self) -> Path | None:
         found = next((p for name in self.files if (p := cached_file(self.repo_id, name)) is not None), None)

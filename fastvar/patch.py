@@ -6,6 +6,7 @@ of its class, made once per original class, that remembers the original as ``_fa
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from torch import nn
 from fastvar.adapters import find_adapter
 from fastvar.adapters.base import Adapter
 from fastvar.config import FastVARConfig
+from fastvar.dtypes import resolve_dtype
 from fastvar.state import FastVARState
 from fastvar.summary import Summary, decoder_flops
 
@@ -25,12 +27,22 @@ def _refuse_pickling(module: nn.Module, protocol: int) -> None:
                     "at run time): call fastvar.unpatch(model) first, or save model.state_dict()")
 
 
+def _deepcopy(module: nn.Module, memo: dict) -> nn.Module:
+    """What ``copy.deepcopy`` does for the unpatched class, which ``__reduce_ex__`` no longer offers: the
+    copy's blocks and root share one copied FastVARState through ``memo``."""
+    copied = object.__new__(type(module))
+    memo[id(module)] = copied
+    copied.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    return copied
+
+
 @functools.cache
 def _patched_class(parent: type, make: Callable[[type], type]) -> type:
     cls = make(parent)
     cls._fastvar_parent = parent
     cls.__name__ = cls.__qualname__ = f"FastVAR{parent.__name__}"
     cls.__reduce_ex__ = _refuse_pickling  # pickle / torch.save would fail to find the class by name
+    cls.__deepcopy__ = _deepcopy  # the class object itself needs no name
     return cls
 
 
@@ -103,17 +115,19 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get("_fastvar"), FastVARState)
 
 
-def summary(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32,
+def summary(model: nn.Module, batch: int = 1, dtype: torch.dtype | str = torch.float32,
             decoder: nn.Module | None = None) -> Summary:
     """Per scale: tokens, tokens run per block, skipped or not, FLOPs and KV-cache bytes; the ideal FLOP
     ratio, and with the image ``decoder`` (found on VAR and HART models; pass Infinity's VAE decoder) that of
-    the whole call. Memory is for ``batch`` images cached in ``dtype``."""
+    the whole call. Memory is for ``batch`` images cached in ``dtype``, one of fastvar's precisions (a torch
+    dtype or its name, 'bf16' ...)."""
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched; call fastvar.patch(model) first")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch = {batch!r}: must be an int >= 1")
+    dtype = resolve_dtype(dtype)
     state, adapter = model._fastvar, find_adapter(model)
     decoder = adapter.decoder(model) if decoder is None else decoder
     flops = None if decoder is None else decoder_flops(decoder, *adapter.latent_shape(model, state.schedule.shapes[-1]))
     return Summary.of(state.family, state.preset, state.schedule, adapter.cost_model(model), batch,
-                      torch.empty((), dtype=dtype).element_size(), flops)
+                      dtype.itemsize, flops)

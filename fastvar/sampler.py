@@ -1,10 +1,10 @@
 """Evaluation sets: many images from one pipeline, deterministic, resumable, sharded over processes.
 
 The work is cut into batches in a fixed order; each batch's seed comes from the base seed and its index,
-so the images do not depend on how many processes share the work. A batch is finished when its record
-(``.fastvar/batch-NNNNNN.json``) exists; images and records are written to a temporary file and renamed,
-so a killed run leaves nothing half-written behind a finished name. Under ``torch.distributed`` each rank
-takes every world-th unfinished batch; rank 0 writes the run's metadata and summary after a barrier.
+so the images do not depend on how many processes share the work. What is on disk, and how a run that
+starts again trusts it, is ``fastvar.run_folder``'s. Under ``torch.distributed`` rank 0 checks the folder
+and tells every rank which batches are left (one broadcast), each rank takes every world-th of them, and
+rank 0 writes the run's metadata and summary after a barrier.
 """
 
 from __future__ import annotations
@@ -12,23 +12,25 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm.auto import tqdm
 
 import fastvar
+from fastvar import run_folder
+from fastvar.models.sampling import check_seed
 from fastvar.pipelines.base import Pipeline, Preset, preset_name
+from fastvar.run_folder import STATE, batch_record, check_out_dir
 
 LAYOUTS = ("flat", "geneval", "npz")
-STATE = ".fastvar"  # the resume state and temporary files, inside the output folder
+MAX_IMAGES = 10_000_000  # per run: 200 ImageNet FID sets; more is a typo, not an evaluation
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,9 @@ class Batch:
 
 
 def read_prompts(path: str | Path, per_prompt: int = 1) -> list[Item]:
-    """Items from a text file (one prompt per line) or a JSONL file (one object per line with ``prompt``
-    and optionally ``n``, ``seed``, ``negative_prompt`` and any other fields, such as GenEval's
-    ``evaluation_metadata.jsonl``). ``per_prompt``: images of an item without ``n``."""
+    """Items from a JSONL file (``.jsonl``: one object per line with ``prompt`` and optionally ``n``, ``seed``,
+    ``negative_prompt`` and any other fields, such as GenEval's ``evaluation_metadata.jsonl``) or any other
+    text file (one prompt per line, as written). ``per_prompt``: images of an item without ``n``."""
     path = Path(path)
     check_count(per_prompt, "per_prompt")
     try:
@@ -70,7 +72,7 @@ def read_prompts(path: str | Path, per_prompt: int = 1) -> list[Item]:
     numbered = [(i + 1, line.strip()) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         raise ValueError(f"prompts file {path} holds no prompt")
-    if path.suffix != ".jsonl" and not numbered[0][1].startswith("{"):
+    if path.suffix != ".jsonl":
         return [Item(line, per_prompt, metadata={"prompt": line}) for _, line in numbered]
     return [json_item(line, f"{path}:{number}", per_prompt) for number, line in numbered]
 
@@ -84,8 +86,7 @@ def json_item(line: str, where: str, per_prompt: int) -> Item:
         raise ValueError(f"{where}: each line must be a JSON object with a non-empty string 'prompt'")
     n, seed, negative = fields.get("n", per_prompt), fields.get("seed"), fields.get("negative_prompt")
     check_count(n, f"{where}: 'n'")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"{where}: 'seed' must be an int, got {seed!r}")
+    check_seed(seed, f"{where}: 'seed'")
     if negative is not None and (not isinstance(negative, str) or not negative):
         raise ValueError(f"{where}: 'negative_prompt' must be a non-empty string, got {negative!r}")
     return Item(fields["prompt"], n, seed, negative, fields)
@@ -111,38 +112,39 @@ def check_count(value: object, what: str) -> None:
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan_batches(items: Sequence[Item], batch_size: int, seed: int) -> list[Batch]:
-    """The run's batches, in a fixed order: consecutive images, at most ``batch_size`` each. An item with
-    its own seed, or a negative prompt where the previous has none (or the reverse), starts a new batch.
-    Batch ``i`` is seeded ``seed + i``; an item's own seed ``s`` seeds its ``j``-th batch ``s + j``."""
+def plan_batches(items: Sequence[Item], batch_size: int, seed: int) -> Iterator[Batch]:
+    """The run's batches, in a fixed order, made as they are asked for: consecutive images, at most
+    ``batch_size`` each. An item with its own seed, or a negative prompt where the previous has none (or the
+    reverse), starts a new batch. Batch ``i`` is seeded ``seed + i``; an item's own seed ``s`` seeds its
+    ``j``-th batch ``s + j``."""
     check_count(batch_size, "batch_size")
-    batches: list[Batch] = []
     current: list[tuple[int, int, int]] = []
     key: tuple | None = None
     own_batches: dict[int, int] = {}
+    index = image = 0
 
-    def flush() -> None:
+    def flush() -> Batch:
         first = items[current[0][1]]
         if first.seed is None:
-            batch_seed = seed + len(batches)
+            batch_seed = seed + index
         else:
             chunk = own_batches[current[0][1]] = own_batches.get(current[0][1], -1) + 1
             batch_seed = first.seed + chunk
-        batches.append(Batch(len(batches), batch_seed, tuple(current)))
+        batch = Batch(index, batch_seed, tuple(current))
         current.clear()
+        return batch
 
-    image = 0
     for item_index, item in enumerate(items):
-        for sample in range(item.n):
+        for sample_number in range(item.n):
             image_key = (item_index if item.seed is not None else None, item.negative_prompt is not None)
             if current and (len(current) == batch_size or image_key != key):
-                flush()
+                yield flush()
+                index += 1
             key = image_key
-            current.append((image, item_index, sample))
+            current.append((image, item_index, sample_number))
             image += 1
     if current:
-        flush()
-    return batches
+        yield flush()
 
 
 def image_path(layout: str, image: int, item: int, sample: int) -> str:
@@ -150,65 +152,59 @@ def image_path(layout: str, image: int, item: int, sample: int) -> str:
     return f"{item:05d}/samples/{sample:04d}.png" if layout == "geneval" else f"{image:06d}.png"
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def write_atomic(out: Path, relative: str, write: Callable[[Path], None], rank: int) -> None:
-    """``write(tmp)`` to a temporary file in the state folder of ``out``, then rename it to ``out / relative``."""
-    tmp = out / STATE / "tmp" / f"{rank}-{os.getpid()}-{Path(relative).name}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    write(tmp)
-    (out / relative).parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out / relative)
-
-
-def write_text(out: Path, relative: str, text: str, rank: int) -> None:
-    write_atomic(out, relative, lambda tmp: tmp.write_text(text, encoding="utf-8"), rank)
-
-
-def write_npz(path: Path, images: np.ndarray) -> None:
-    with path.open("wb") as f:
-        np.savez(f, arr_0=images)
-
-
-def batch_record(index: int) -> str:
-    return f"{STATE}/batch-{index:06d}.json"
-
-
-def fingerprint(pipe: Pipeline, items: Sequence[Item], layout: str, batch_size: int, seed: int, preset: Preset,
-                options: dict[str, Any]) -> dict[str, Any]:
-    """What decides the images: a folder holding another run's images is refused rather than mixed in."""
+def fingerprint(family: type[Pipeline], items: Sequence[Item], layout: str, batch_size: int, seed: int,
+                preset: Preset, options: dict[str, Any], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """What decides the images, but the model (``sample`` adds its description): the settings, the inputs,
+    and the numerics (precision, device, torch version; a CPU's thread count, a GPU's model). A folder
+    holding another run is refused rather than mixed."""
     digest = hashlib.sha256(json.dumps([asdict(i) for i in items], sort_keys=True, default=str).encode()).hexdigest()
-    run = dict(family=pipe.family, model=pipe.describe(), dtype=str(pipe.dtype).removeprefix("torch."),
-               device=pipe.device.type, layout=layout, batch_size=batch_size, seed=seed, preset=preset_name(preset),
-               options=options, items=len(items), items_sha256=digest)
+    run = dict(family=family.family, dtype=str(dtype).removeprefix("torch."), device=device.type,
+               hardware=run_folder.hardware(device), torch=torch.__version__, layout=layout, batch_size=batch_size,
+               seed=seed, preset=preset_name(preset), options=options, items=len(items), items_sha256=digest)
     return json.loads(json.dumps(run, sort_keys=True, default=str))  # as it reads back from run.json
 
 
-def check_out_dir(out_dir: str | Path) -> Path:
-    """An output folder that is or can be made, and written to."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} is a file, not a folder")
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"out_dir {out}: cannot write in {parent}")
-    return out
-
-
-def check_call_options(pipe: Pipeline, items: Sequence[Item], options: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(type(pipe).__call__).parameters) - {"self", pipe.batch_argument, "seed",
-                                                                           "preset", "progress"}
+def check_call_options(family: type[Pipeline], items: Sequence[Item], options: dict[str, Any]) -> None:
+    accepted = set(inspect.signature(family.__call__).parameters) - {"self", family.batch_argument, "seed",
+                                                                        "preset", "progress"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"{pipe.family} sampling options {unknown} do not exist; accepted: {sorted(accepted)}")
+        raise ValueError(f"{family.family} sampling options {unknown} do not exist; accepted: {sorted(accepted)}")
     if any(i.negative_prompt is not None for i in items) and "negative_prompt" not in accepted:
-        raise ValueError(f"an item has a 'negative_prompt', which {pipe.family} does not take")
-    kind = int if pipe.batch_argument == "class_ids" else str
+        raise ValueError(f"an item has a 'negative_prompt', which {family.family} does not take")
+    kind = int if family.batch_argument == "class_ids" else str
     wrong = next((i.input for i in items if not isinstance(i.input, kind) or isinstance(i.input, bool)), None)
     if wrong is not None:
         what = "class ids" if kind is int else "prompts"
-        raise ValueError(f"{pipe.family} generates from {what}; an item's input is {wrong!r}")
+        raise ValueError(f"{family.family} generates from {what}; an item's input is {wrong!r}")
+
+
+def check_plan(family: type[Pipeline], items: Sequence[Item], out_dir: str | Path, layout: str, batch_size: int,
+               seed: int, preset: Preset, options: dict[str, Any], dtype: torch.dtype, device: torch.device,
+               allow_existing: bool = False) -> Path:
+    """Everything ``sample`` refuses that is known before the pipeline is loaded: inputs, settings, the
+    sampling options (as the pipeline's call checks them), and the output folder (another run, a lock, files
+    of no run). Returns the folder."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
+    if not items:
+        raise ValueError("no items to generate")
+    check_count(batch_size, "batch_size")
+    images = sum(i.n for i in items)
+    if images > MAX_IMAGES:
+        raise ValueError(f"{images} images asked for; a run makes at most {MAX_IMAGES:,} (split it into runs)")
+    family.check_preset(preset)
+    check_call_options(family, items, options)
+    batches = sum(1 for _ in plan_batches(items, batch_size, seed))
+    check_seed(seed)
+    check_seed(seed + batches - 1, f"the last batch's seed (seed {seed} + {batches - 1})")
+    family.check_call(**{family.batch_argument: [i.input for i in items]}, **options)
+    out = check_out_dir(out_dir)
+    if rank_and_world()[0] == 0:  # the ranks of one run leave the folder to rank 0
+        run = fingerprint(family, items, layout, batch_size, seed, preset, options, dtype, device)
+        run_folder.check_run(out, run, allow_existing)
+        run_folder.check_unlocked(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -221,65 +217,86 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def from_rank_0(value: Any, world: int) -> Any:
+    """Rank 0's ``value``, on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sample(
     pipe: Pipeline, items: Sequence[Item], out_dir: str | Path, layout: str = "flat", batch_size: int = 1,
-    seed: int = 0, preset: Preset = "default", progress: bool = True, **options: Any,
+    seed: int = 0, preset: Preset = "default", progress: bool = True, allow_existing: bool = False, **options: Any,
 ) -> dict[str, Any] | None:
     """Generate every image of ``items`` into ``out_dir``; ``options`` go to every pipeline call (cfg, size ...).
 
     ``layout``: ``flat`` (``NNNNNN.png`` and ``metadata.jsonl``), ``geneval`` (``IIIII/metadata.jsonl`` and
     ``IIIII/samples/NNNN.png`` per item, as GenEval reads them) or ``npz`` (flat, plus ``samples.npz`` holding
     the uint8 (N, H, W, 3) array ``arr_0`` that the ADM / VAR FID evaluation reads). ``preset``: a preset
-    name or config, or None for the unpatched model (``"default"``: the family's default preset). Finished
-    batches of an earlier run into the same folder are skipped. Returns the run's summary on rank 0 (also
-    written to ``summary.json``), None on the other ranks.
+    name or config, or None for the unpatched model (``"default"``: the family's default preset).
+
+    The same call again resumes: batches whose files are on disk as they were written are kept, the others
+    are done (again). A folder holding another run, one being written by another run, or one holding files of
+    no run (unless ``allow_existing``) is refused. Returns the run's summary on rank 0 (also written to
+    ``summary.json``), None on the other ranks.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
-    if not items:
-        raise ValueError("no items to generate")
     if preset == "default":
         preset = pipe.adapter.default_preset
-    pipe.check_preset(preset)
-    check_call_options(pipe, items, options)
-    out = check_out_dir(out_dir)
-    batches = plan_batches(items, batch_size, seed)
     rank, world = rank_and_world()
-    run = fingerprint(pipe, items, layout, batch_size, seed, preset, options)
-    run_file = out / STATE / "run.json"
-    previous = json.loads(run_file.read_text()) if run_file.exists() else None
-    if previous is not None and previous != run:
-        changed = sorted(k for k in run if previous.get(k) != run[k])
-        raise ValueError(f"{out} holds another run (it differs in {changed}); use another out_dir or remove it")
+    out = check_plan(type(pipe), items, out_dir, layout, batch_size, seed, preset, options, pipe.dtype,
+                     pipe.device, allow_existing)
+    run = {**fingerprint(type(pipe), items, layout, batch_size, seed, preset, options, pipe.dtype, pipe.device),
+           "model": pipe.describe()}
+    held, verdict = None, None
     if rank == 0:
-        write_text(out, f"{STATE}/run.json", json.dumps(run, indent=1), rank)
+        try:
+            held = run_folder.lock(out)
+            run_folder.check_run(out, run, allow_existing=True)  # again, now that no other run can change it
+            run_folder.write_atomic(out, f"{STATE}/run.json", json.dumps(run, indent=1).encode(), rank)
+            indices = range(sum(1 for _ in plan_batches(items, batch_size, seed)))
+            verdict = run_folder.unfinished(out, indices, report=lambda line: print(line, file=sys.stderr))
+        except (ValueError, OSError) as err:
+            run_folder.release(held)
+            verdict = f"{out}: {err}" if isinstance(err, OSError) else str(err)
+    verdict = from_rank_0(verdict, world)  # every rank acts on rank 0's reading of the folder
+    if isinstance(verdict, str):
+        raise ValueError(verdict)
+    try:
+        return run_batches(pipe, items, out, layout, batch_size, seed, preset, options, verdict, rank, world,
+                           progress)
+    finally:
+        run_folder.release(held)
+
+
+def run_batches(pipe: Pipeline, items: Sequence[Item], out: Path, layout: str, batch_size: int, seed: int,
+                preset: Preset, options: dict[str, Any], todo: Sequence[int], rank: int, world: int,
+                progress: bool) -> dict[str, Any] | None:
+    """This rank's share of the batches ``todo``; on rank 0, once every rank is done, the run's outputs."""
+    mine = set(todo[rank::world])
     pipe.apply_preset(preset)
-    barrier(world)  # every rank lists the finished batches before any rank writes one
-    todo = [b for b in batches if not (out / batch_record(b.index)).exists()]
-    barrier(world)
-    mine = todo[rank::world]
     started = time.perf_counter()
-    bar = tqdm(total=sum(len(b.images) for b in mine), unit="img", disable=not progress or rank != 0,
+    images = sum(len(b.images) for b in plan_batches(items, batch_size, seed) if b.index in mine)
+    bar = tqdm(total=images, unit="img", disable=rank != 0 or not progress,
                desc=f"sampling, rank 0 of {world}" if world > 1 else "sampling")
-    for batch in mine:
-        records = run_batch(pipe, items, batch, out, layout, preset, options, rank)
-        write_text(out, batch_record(batch.index), json.dumps(records), rank)
-        bar.update(len(batch.images))
+    for batch in plan_batches(items, batch_size, seed):
+        if batch.index in mine:
+            records = run_batch(pipe, items, batch, out, layout, preset, options, rank)
+            run_folder.write_atomic(out, batch_record(batch.index), json.dumps(records).encode(), rank)
+            bar.update(len(batch.images))
     bar.close()
-    barrier(world)
+    if world > 1:
+        dist.barrier()
     if rank != 0:
         return None
-    return finish(pipe, items, batches, out, layout, preset, time.perf_counter() - started, world, len(todo))
+    return finish(pipe, items, plan_batches(items, batch_size, seed), out, layout, preset,
+                  time.perf_counter() - started, world, len(todo))
 
 
 def run_batch(pipe: Pipeline, items: Sequence[Item], batch: Batch, out: Path, layout: str, preset: Preset,
               options: dict[str, Any], rank: int) -> list[dict[str, Any]]:
-    """Generate and write one batch; its images' metadata."""
+    """Generate and write one batch; its images' records (metadata, and each file's size and checksum)."""
     chosen = [items[i] for _, i, _ in batch.images]
     call = dict(options)
     if chosen[0].negative_prompt is not None:
@@ -290,34 +307,40 @@ def run_batch(pipe: Pipeline, items: Sequence[Item], batch: Batch, out: Path, la
     seconds = time.perf_counter() - start
     records = []
     for image, (index, item, sample_number) in zip(images, batch.images):
-        file = image_path(layout, index, item, sample_number)
-        write_atomic(out, file, lambda tmp, image=image: image.save(tmp, format="PNG"), rank)
-        records.append(dict(items[item].metadata, index=index, file=file, item=item, sample=sample_number,
+        file = run_folder.write_atomic(out, image_path(layout, index, item, sample_number),
+                                       run_folder.png_bytes(image), rank)
+        records.append(dict(items[item].metadata, index=index, **file, item=item, sample=sample_number,
                             seed=batch.seed, batch=batch.index, preset=preset_name(preset), size=list(image.size),
                             seconds=seconds / len(images)))
     return records
 
 
-def finish(pipe: Pipeline, items: Sequence[Item], batches: Sequence[Batch], out: Path, layout: str, preset: Preset,
+def finish(pipe: Pipeline, items: Sequence[Item], batches: Iterator[Batch], out: Path, layout: str, preset: Preset,
            wall: float, world: int, generated_batches: int) -> dict[str, Any]:
-    """Rank 0, after every rank is done: the metadata files, the npz, and the summary."""
-    missing = [b.index for b in batches if not (out / batch_record(b.index)).exists()]
-    if missing:
-        raise RuntimeError(f"batches {missing[:5]} of {out} are not finished; run the same command again")
-    records = [r for b in batches for r in json.loads((out / batch_record(b.index)).read_text())]
-    write_text(out, "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records), 0)
+    """Rank 0, after every rank is done: the metadata files, the npz, and the summary, of the images that are
+    on disk as written (``ValueError`` naming those that are not: the run is then unfinished)."""
+    records, count, largest = [], 0, 1
+    for batch in batches:
+        batch_records = run_folder.read_batch(out, batch.index)
+        if batch_records is None:
+            raise ValueError(f"batch {batch.index} of {out} is not finished; run the same command again")
+        records += batch_records
+        count, largest = count + 1, max(largest, len(batch.images))
+    problems = [p for r in records if (p := run_folder.file_problem(out, r, hash_it=False)) is not None]
+    if problems:
+        raise ValueError(f"{len(problems)} image(s) of {out} changed while the run went on ({problems[0]}): "
+                         "run the same command again to make them")
+    run_folder.write_atomic(out, "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode(), 0)
     if layout == "geneval":  # GenEval reads one JSON object, the prompt's line, per folder
         for index, item in enumerate(items):
-            write_text(out, f"{index:05d}/metadata.jsonl", json.dumps(item.metadata), 0)
+            run_folder.write_atomic(out, f"{index:05d}/metadata.jsonl", json.dumps(item.metadata).encode(), 0)
     if layout == "npz":
-        images = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in records])
-        write_atomic(out, "samples.npz", lambda tmp: write_npz(tmp, images), 0)
+        run_folder.write_npz(out, [r["file"] for r in records], 0)
     busy = sum(r["seconds"] for r in records)
     patched = fastvar.is_patched(pipe.transformer)
     summary = dict(family=pipe.family, model=pipe.describe(), preset=preset_name(preset), images=len(records),
-                   batches=len(batches), batches_this_run=generated_batches, processes=world,
+                   batches=count, batches_this_run=generated_batches, processes=world,
                    wall_seconds_this_run=round(wall, 3), images_per_second_per_process=len(records) / busy,
-                   fastvar=str(fastvar.summary(pipe.transformer, batch=max(len(b.images) for b in batches)))
-                   if patched else None)
-    write_text(out, "summary.json", json.dumps(summary, indent=1), 0)
+                   fastvar=str(fastvar.summary(pipe.transformer, batch=largest)) if patched else None)
+    run_folder.write_atomic(out, "summary.json", json.dumps(summary, indent=1).encode(), 0)
     return summary

@@ -61,12 +61,21 @@ class CostModel:
 
 def decoder_flops(decoder: nn.Module, height: int, width: int) -> float:
     """FLOPs of the image decoder on one latent of ``height`` x ``width``, counted by torch's
-    ``FlopCounterMode`` on meta tensors (shapes only, nothing computed)."""
-    channels = next(m for m in decoder.modules() if isinstance(m, nn.Conv2d)).in_channels
+    ``FlopCounterMode`` on meta tensors (shapes only, nothing computed). The latent's channels are those of
+    its first Conv2d; ``ValueError`` for a module with none, or one that fails on the latent."""
+    what = ("the decoder must be the image decoder that takes the latent (B, C, h, w), e.g. vae.decoder; "
+            f"got a {type(decoder).__name__}")
+    first_conv = next((m for m in decoder.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        raise ValueError(f"{what} with no Conv2d")
+    latent = torch.empty(1, first_conv.in_channels, height, width, device="meta")
     meta = {name: torch.empty_like(t, device="meta") for name, t in chain(decoder.named_parameters(),
                                                                           decoder.named_buffers())}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        torch.func.functional_call(decoder, meta, (torch.empty(1, channels, height, width, device="meta"),))
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(decoder, meta, (latent,))
+    except Exception as err:  # the user's module, run on a latent it may not take
+        raise ValueError(f"{what} that fails on a latent of shape {tuple(latent.shape)}: {err}") from err
     return float(counter.get_total_flops())
 
 
@@ -159,7 +168,7 @@ class Summary:
 
     def __str__(self) -> str:
         name = f" preset {self.preset!r}" if self.preset else ""
-        lines = [f"fastvar {self.family}{name}: {self.depth} blocks, ideal FLOP ratio {self.flop_ratio:.3f} "
+        lines = [f"fastvar {self.family}{name}: {plural(self.depth, 'block')}, ideal FLOP ratio {self.flop_ratio:.3f} "
                  f"({1 / self.flop_ratio:.2f}x fewer FLOPs)"]
         if self.decoder_flops is not None:
             lines.append(f"whole call with the image decoder: ideal FLOP ratio {self.whole_call_flop_ratio:.3f}")
@@ -171,7 +180,7 @@ class Summary:
                          f"{self.flop_ratio_with_guidance:.3f}")
         mib = 2**20
         lines.append(f"KV cache {self.kv_bytes / mib:.1f} MiB (unpatched {self.baseline_kv_bytes / mib:.1f} MiB), "
-                     f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {self.batch} image(s) with "
+                     f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {plural(self.batch, 'image')} with "
                      f"guidance, {self.element_size}-byte values")
         lines.append(f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
                      f"{'KV MiB':>7}")
@@ -179,7 +188,7 @@ class Summary:
             if r.skipped:
                 run = "skipped"
             elif r.kept is not None:
-                run = f"{r.kept} in {r.pruning_blocks} pruning blocks"
+                run = f"{r.kept} in {plural(r.pruning_blocks, 'pruning block')}"
                 if r.pruning_blocks < self.depth:
                     run += f", {r.tokens} in the other {self.depth - r.pruning_blocks}"
             else:
@@ -190,3 +199,7 @@ class Summary:
             lines.append(f"{r.index:>5} {shape} {r.tokens:>7}  {run:<46} "
                          f"{r.flops / max(r.baseline_flops, 1):>6.2f} {r.kv_bytes / mib:>7.2f}")
         return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

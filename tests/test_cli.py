@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 
 import fastvar
 from fastvar import HARTPipeline, InfinityPipeline, VARPipeline, cli
+from fastvar.pipelines import PIPELINES
 
 
 def run_error(capsys, argv) -> str:
@@ -88,36 +91,152 @@ def test_generate_loads_official_files_given_by_flags(tmp_path, tiny_official, h
               "--size", "256x256", "--out", str(out)])
 
 
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Loading or building any pipeline fails the test: what it checks comes before."""
+    for family in PIPELINES.values():
+        monkeypatch.setattr(family, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+        monkeypatch.setattr(family, "random", lambda *a, **k: pytest.fail("built a model"))
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["generate", "var", "--out", "{tmp}/x.txt"], r"the file name must end in an image format"),
     (["generate", "var", "--out", "{tmp}/missing/x.png"], r"the folder .*missing does not exist"),
+    (["generate", "var", "--out", "{tmp}"], r"--out .*: the file name must end in an image format"),
+    (["generate", "var", "--out", "{tmp}/folder.png"], r"folder.png is a folder; give a file name"),
     (["generate", "var", "--preset", "paper", "--out", "{tmp}/x.png"], r"unknown var preset\(s\) \['paper'\]"),
     (["generate", "var", "--depth", "7", "--out", "{tmp}/x.png"], r"no official VAR of depth 7"),
     (["generate", "infinity", "--depth", "2", "--out", "{tmp}/x.png"], r"--depth cuts the official model and needs "
                                                                        r"--random-weights"),
     (["generate", "var", "--dtype", "fp64"], r"argument --dtype: invalid choice: 'fp64'"),
     (["generate", "var", "--class", "dog"], r"argument --class: invalid int value: 'dog'"),
+    (["generate", "var", "--class", "1000", "--depth", "30"], r"class id 1000 is out of range: ImageNet class ids "
+                                                              r"are 0\.\.999$"),
+    (["generate", "var", "--top-p", "2"], r"top_p = 2\.0: must be a number in \[0, 1\]"),
+    (["generate", "var", "--cfg", "-1"], r"cfg = -1\.0: the guidance scale must be a number >= 0"),
+    (["generate", "var", "--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
+    (["generate", "var", "--num-samples", "100000"], r"100000 images asked for; generate makes at most 64 \(one "
+                                                     r"batch, one grid\): fastvar sample makes any number"),
+    (["generate", "var", "--seed", str(2**70)], r"seed = 1180591620717411303424: must be an int from -2\*\*63 to "
+                                                r"2\*\*64 - 1"),
+    (["generate", "var", "--resolution", "512"], r"--resolution picks the schedule of random weights"),
+    (["generate", "var", "--random-weights", "--weights", "w.pth"], r"--weights name\(s\) files, and "
+                                                                    r"--random-weights asks for none: give one"),
+    (["generate", "hart", "--random-weights", "--text-encoder", "q"], r"--text-encoder name\(s\) files"),
+    (["generate", "infinity", "--size", "1000x1000"], r"unsupported size 1000x1000 \(width x height\); nearest "
+                                                      r"supported: 1024x1024"),
+    (["generate", "infinity", "--aspect-ratio", "7"], r"unsupported aspect ratio \(height / width\) 7\.0"),
+    (["generate", "infinity", "--tau", "0"], r"tau = 0\.0: the temperature must be a number > 0"),
+    (["generate", "infinity", "--random-weights", "--depth", "40"], r"--depth must be in 1\.\.32 for infinity-2b"),
     (["bench", "var", "--repeats", "0"], r"argument --repeats: must be >= 1, got 0"),
     (["bench", "var", "--batch", "0"], r"argument --batch: must be >= 1, got 0"),
     (["bench", "var", "--preset", "fast"],
      r"unknown var preset\(s\) \['fast'\]; available: \['default', 'default-unguided-last', 'none'\]"),
+    (["bench", "var", "--json", "{tmp}"], r"--json .*: .* is a folder; give a file name"),
+    (["bench", "var", "--json", "{tmp}/missing/x.json"], r"--json .*: the folder .*missing does not exist"),
+    (["bench", "infinity", "--size", "1000x1000"], r"unsupported size 1000x1000"),
+    (["compare", "var", "--classes", "0-1", "--presets", "default", "--config", '{{"name": "default"}}', "--out",
+      "{tmp}/c"], r"--config default: the name 'default' is taken"),
+    (["compare", "var", "--classes", "0-1", "--config", '{{"name": "deep", "preset": "default", "layers": [99]}}',
+      "--out", "{tmp}/c"], r"deep does not fit this model \(16 blocks, 10 scales\): layer 99 does not exist"),
+    (["compare", "var", "--classes", "0-1", "--config", '{{"name": "s", "skip_last": 20}}', "--out", "{tmp}/c"],
+     r"s does not fit this model .*: skip_last=20 leaves no scale to run"),
+    (["compare", "var", "--classes", "0-1", "--config", '{{"name": "s", "prune": {{"-1": 2}}}}', "--out", "{tmp}/c"],
+     r"--config s: prune\[-1\] = 2: a pruning ratio must be a number in \[0, 1\]"),
+    (["compare", "var", "--classes", "0-1", "--presets", "none", "--seeds", str(2**64), "--out", "{tmp}/c"],
+     r"seed = 18446744073709551616: must be an int"),
+    (["sample", "var", "--classes", "0-999", "--per-class", "1000000000", "--out", "{tmp}/s"],
+     r"1000000000000 images asked for; a run makes at most 10,000,000"),
+    (["sample", "infinity", "--prompts", "{tmp}/p.txt", "--size", "1000x1000", "--out", "{tmp}/s"],
+     r"unsupported size 1000x1000"),
     (["generate", "llama"], r"argument family: invalid choice: 'llama'"),
 ])
-def test_mistakes_are_one_error_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch, argv, expected):
-    monkeypatch.setattr(VARPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
-    monkeypatch.setattr(VARPipeline, "random", lambda *a, **k: pytest.fail("built a model"))
+def test_mistakes_are_one_error_line_before_anything_is_loaded(tmp_path, capsys, nothing_loads, argv, expected):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "p.txt").write_text("a prompt\n")
     err = run_error(capsys, [a.format(tmp=tmp_path) for a in argv])
     assert re.search(expected, err), err
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--class", "5000"], r"class id 5000 is out of range: this VAR has classes 0\.\.999"),
-    (["--top-p", "2"], r"top_p = 2\.0: must be a number in \[0, 1\]"),
-    (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
-])
-def test_bad_generation_values_are_one_error_line(tmp_path, tiny_official, capsys, argv, expected):
-    err = run_error(capsys, ["generate", "var", "--random-weights", *argv, "--out", str(tmp_path / "x.png")])
-    assert re.search(expected, err), err
+def test_a_changed_sample_run_is_refused_before_loading(tmp_path, tiny_official, capsys, monkeypatch):
+    argv = ["sample", "var", "--random-weights", "--classes", "0-1", "--out", str(tmp_path), "--no-progress"]
+    cli.main(argv)
+    for family in PIPELINES.values():
+        monkeypatch.setattr(family, "random", lambda *a, **k: pytest.fail("built a model"))
+    line = run_error(capsys, [*argv, "--batch", "2"])
+    assert re.search(r"holds another run, which differs in \['batch_size'\]", line), line
+    line = run_error(capsys, [*argv, "--cfg", "1.0"])
+    assert "differs in ['options']" in line
+
+
+def test_an_unwritable_output_is_refused_before_anything_runs(tmp_path, capsys, nothing_loads, monkeypatch):
+    """A read-only mount: making a file there fails (permission bits do not stop root, so the mount is
+    what is simulated)."""
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", read_only)
+    for argv in (["bench", "var", "--json", str(tmp_path / "b.json")], ["generate", "var", "--out",
+                                                                        str(tmp_path / "x.png")],
+                 ["compare", "var", "--classes", "0", "--presets", "none", "--out", str(tmp_path / "c")],
+                 ["sample", "var", "--classes", "0", "--out", str(tmp_path / "s")]):
+        line = run_error(capsys, argv)
+        assert f"cannot write in {tmp_path} (Read-only file system)" in line, line
+
+
+def test_a_finished_result_is_never_lost_to_a_failed_write(tmp_path, tiny_official, capsys, monkeypatch):
+    """The output became unwritable while the work ran: the result goes to a new temporary folder, named."""
+    out = tmp_path / "x.png"
+    save = Image.Image.save
+
+    def fail_at_out(image, fp, *args, **kwargs):
+        if Path(fp).parent == tmp_path:
+            raise OSError(28, "No space left on device")
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fail_at_out)
+    line = run_error(capsys, ["generate", "var", "--random-weights", "--class", "1", "2", "--out", str(out)])
+    match = re.search(r"cannot write .*x\.png \(No space left on device\); the result is saved in (\S+) instead",
+                      line)
+    assert match, line
+    rescued = Path(match.group(1))
+    assert sorted(p.name for p in rescued.iterdir()) == ["x-0.png", "x-1.png", "x.png"]
+    expected = VARPipeline.random(16)([1, 2], seed=0, progress=False)
+    assert np.array_equal(np.asarray(Image.open(rescued / "x-1.png")), np.asarray(expected[1]))
+    monkeypatch.setattr(Image.Image, "save", save)
+    write_text = Path.write_text
+
+    def fail_at_json(path, *args, **kwargs):
+        if path.parent == tmp_path:
+            raise OSError(28, "No space left on device")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fail_at_json)
+    line = run_error(capsys, ["bench", "var", "--random-weights", "--repeats", "1", "--warmup", "0", "--preset",
+                              "none", "--json", str(tmp_path / "b.json")])
+    rescued = Path(re.search(r"the result is saved in (\S+) instead", line).group(1))
+    assert json.loads((rescued / "b.json").read_text())["variants"][1]["name"] == "none"
+
+
+def test_an_interrupt_is_one_line_without_a_traceback(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VARPipeline, "random", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", "var", "--random-weights", "--classes", "0", "--out", "unused-folder"])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "Traceback" not in err
+    assert err.strip() == "interrupted; the same command resumes the run"
+
+
+def test_help_lists_the_presets_and_reads_as_text(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "infinity", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "FastVAR preset, one of paper, prune-only, skip-only, paper-unguided-last, none (default: paper)" in text
+    cli.main([])
+    assert "``" not in capsys.readouterr().out
 
 
 def test_missing_corrupt_and_mismatched_weights_are_one_error_line(tmp_path, tiny_official, hub_offline, capsys,

@@ -29,6 +29,12 @@ def test_callable_prune_and_layer_rules():
     assert schedule.tokens_run(5, 0) == 64 and schedule.tokens_run(5, 4) == 128
 
 
+def test_a_layer_rule_may_select_no_block_of_a_cut_down_model():
+    official = FastVARConfig(prune={-1: 0.5}, layers=lambda i, depth: i >= 3)  # pruning from block 3 on
+    assert official.resolve(SQUARE_256, depth=2).layers == frozenset()
+    assert official.resolve(SQUARE_256, depth=5).layers == frozenset({3, 4})
+
+
 def test_skipping_and_explicit_layers():
     schedule = FastVARConfig(prune={-3: 0.5}, skip_last=2, layers=[0, -1]).resolve(SQUARE_256, depth=5)
     assert schedule.executed == 8 and schedule.layers == frozenset({0, 4})
@@ -52,6 +58,8 @@ def test_nothing_pruned_nor_skipped_is_the_identity():
         (dict(skip_last=10), r"skip_last=10 leaves no scale to run"),
         (dict(prune={0: 0.5}), r"scale 0 is pruned, so no earlier scale can be cached"),
         (dict(prune=lambda si, n: 2.0), r"prune\(0, 10\) = 2.0: a pruning ratio must be a number in \[0, 1\]"),
+        (dict(prune={-1: 0.5, 9: 0.2}), r"prune: positions -1 and 9 both name scale 9 of 10; give each scale once"),
+        (dict(prune={0: 0.0, 5: 0.3, -10: 0.0}), r"prune: positions 0 and -10 both name scale 0 of 10"),
     ],
 )
 def test_resolution_errors_name_the_problem(kwargs, message):
@@ -78,6 +86,10 @@ def test_bad_fields_are_refused():
     (dict(layers=5), r"layers = 5: give block indices \(e\.g\. range\(3, 28\) or \[0, 2\]\), fn\(layer, depth\)"),
     (dict(layers="abc"), r"layers = 'abc': give block indices"),
     (dict(layers=[0, 1.5]), r"layers: 1\.5 is not a block index"),
+    (dict(prune={-1: 0.5}, layers=[]), r"layers = \[\] names no block, so nothing would be pruned: give block "
+                                       r"indices \(e\.g\. range\(3, 28\) or \[0, 2\]\) or None for every block; "
+                                       r"to prune nothing, leave prune empty \(the 'none' preset\)"),
+    (dict(layers=range(0)), r"layers = range\(0, 0\) names no block"),
     (dict(prune={-1: True}), r"prune\[-1\] = True: a pruning ratio must be a number in \[0, 1\]"),
     (dict(skip_last=True), r"skip_last must be a non-negative int, got True"),
 ])

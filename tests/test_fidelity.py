@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_var
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import fastvar
 import fastvar.state
 from fastvar import FastVARConfig, HARTPipeline, InfinityPipeline, VARPipeline, cli
+from fastvar.fidelity import Comparison, VariantReport, token_agreement
 from fastvar.pruning import select_pivotal
 
 
@@ -38,8 +39,8 @@ def test_identical_configs_agree_everywhere_and_pruning_only_from_its_first_prun
     assert not fastvar.is_patched(var_pipe.transformer)
     unpatched = var_pipe([3], seed=1, cfg=2.0, preset=None, progress=False)[0]
     grid = result.grid()
-    assert grid.size == (4 * 96, 6 * 96)  # columns: unpatched and 3 variants; rows: 3 inputs x 2 seeds
-    assert np.array_equal(np.asarray(grid)[5 * 96:, :96], np.asarray(unpatched))  # input-major, then seed
+    assert grid_layout(grid) == (4, 6)  # columns: unpatched and 3 variants; rows: 3 inputs x 2 seeds
+    assert np.array_equal(np.asarray(grid)[-96:, :96], np.asarray(unpatched))  # input-major, then seed
 
 
 def test_agreement_counts_tokens_per_scale_on_infinity_and_hart(tiny_official):
@@ -55,6 +56,16 @@ def test_agreement_counts_tokens_per_scale_on_infinity_and_hart(tiny_official):
     assert hart.reports[1].agreement == (1.0,) * len(hart.scales)  # the text stage draws the 1x1 map
 
 
+def test_a_multi_bit_token_agrees_only_when_all_its_bits_do():
+    reference = [torch.zeros(2, 1, 1, 4, dtype=torch.long), torch.zeros(2, 2, 2, 4, dtype=torch.long),
+                 torch.zeros(2, 2, 2, 4, dtype=torch.long)]  # (B, h, w, bits) per scale, as Infinity draws
+    run = [t.clone() for t in reference]
+    run[1][0, 0, 1, 2] = 1  # one bit of a token differs
+    run[1][1, 1, 0, :3] = 1  # three of another's four
+    run[2][:] = 1  # every bit of every token
+    assert token_agreement([run], [reference], [1, 4, 4, 16]) == (1.0, 6 / 8, 0.0, None)  # scale 3: skipped
+
+
 def test_reports_save_as_text_json_and_grid(var_pipe, tmp_path):
     result = fastvar.compare(var_pipe, [4], ["none", "default"], warmup=0)
     result.save(tmp_path)
@@ -63,7 +74,49 @@ def test_reports_save_as_text_json_and_grid(var_pipe, tmp_path):
     data = json.loads((tmp_path / "compare.json").read_text())
     assert [v["name"] for v in data["variants"]] == ["unpatched", "none", "default"]
     assert data["variants"][1]["psnr"] == ["inf"] and data["scales"] == list(result.scales)
-    assert Image.open(tmp_path / "grid.png").size == (3 * 96, 96)
+    assert grid_layout(Image.open(tmp_path / "grid.png")) == (3, 1)
+
+
+HEADER = 23  # the strip of names above 96-pixel columns: the 12-pixel default font's line, 4 pixels above and below
+
+
+def grid_layout(grid: Image.Image) -> tuple[int, int]:
+    """(columns, rows) of a grid of 96 x 96 images under the header."""
+    assert grid.width % 96 == 0 and (grid.height - HEADER) % 96 == 0, grid.size
+    return grid.width // 96, (grid.height - HEADER) // 96
+
+
+def ink(pixels: np.ndarray) -> np.ndarray:
+    """The smallest crop holding every pixel that is not white."""
+    rows, cols = np.nonzero((pixels < 255).any(axis=-1))
+    assert rows.size, "blank"
+    return pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def label(text: str) -> np.ndarray:
+    """``text`` as the default font draws it, black on white, cropped to its ink."""
+    image = Image.new("RGB", (400, 40), "white")
+    ImageDraw.Draw(image).text((5, 5), text, fill="black", font=ImageFont.load_default(size=12))
+    return ink(np.asarray(image))
+
+
+def test_grid_names_each_column_in_a_header():
+    names = ["unpatched", "a-name-too-long-for-a-column", "none"]
+    images = {n: [Image.new("RGB", (96, 96), (80 * i, 120, 200 - i)), Image.new("RGB", (96, 96), (i, 0, 9))]
+              for i, n in enumerate(names)}
+    reports = tuple(VariantReport(n, None, (1.0,), (1.0,), None, 1.0, (1.0,), (math.inf,), (1.0,)) for n in names)
+    grid = Comparison(("1x1",), reports, images).grid()
+    assert grid_layout(grid) == (3, 2)
+    pixels = np.asarray(grid)
+    for col, name in enumerate(names):
+        column = pixels[:, col * 96:(col + 1) * 96]
+        for row, image in enumerate(images[name]):
+            assert np.array_equal(column[HEADER + row * 96:HEADER + (row + 1) * 96], np.asarray(image))
+        written = ink(column[:HEADER])
+        if name != names[1]:
+            assert np.array_equal(written, label(name))
+        else:  # cut to fit its column, not spilling into the next
+            assert any(np.array_equal(written, label(name[:k] + "...")) for k in range(5, len(name)))
 
 
 def test_compare_refuses_what_it_cannot_compare(var_pipe):
@@ -79,7 +132,7 @@ def test_compare_command(tmp_path, tiny_official, capsys):
               config, "--seeds", "0,3", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "zeros" in out and "tokens equal" in out
-    assert Image.open(tmp_path / "grid.png").size == (4 * 96, 4 * 96)
+    assert grid_layout(Image.open(tmp_path / "grid.png")) == (4, 4)
     assert [v["name"] for v in json.loads((tmp_path / "compare.json").read_text())["variants"]] == [
         "unpatched", "none", "default", "zeros"]
 

@@ -172,6 +172,27 @@ def test_summary_reports_cache_bytes_for_a_batch_and_dtype():
     assert one.whole_call_flop_ratio > one.flop_ratio  # the decoder is not accelerated
     with pytest.raises(ValueError, match="batch = 0: must be an int >= 1"):
         fastvar.summary(var, batch=0)
+    by_name = fastvar.summary(var, batch=4, dtype="bf16")
+    assert by_name.element_size == 2 and by_name.kv_bytes == four_half.kv_bytes
+    assert fastvar.summary(var, dtype="fp16").element_size == 2 and fastvar.summary(var, dtype="fp32") == one
+    for dtype in (torch.int8, torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match=rf"dtype {dtype!r} is not supported; supported: fp32 \(torch\.float32\), "
+                                             r"bf16 \(torch\.bfloat16\), fp16 \(torch\.float16\)"):
+            fastvar.summary(var, dtype=dtype)
+
+
+@pytest.mark.parametrize("decoder, problem", [
+    (torch.nn.Linear(2, 2), "a Linear with no Conv2d"),
+    (torch.nn.Sequential(torch.nn.Conv2d(8, 4, 3), torch.nn.Linear(5, 5)),
+     r"a Sequential that fails on a latent of shape \(1, 8, 8, 8\): .*reduction dim"),
+])
+def test_summary_refuses_a_decoder_that_does_not_take_the_latent(decoder, problem):
+    var, _, _, _ = var_case()
+    fastvar.patch(var, "default")
+    with pytest.raises(ValueError, match=r"the decoder must be the image decoder that takes the latent \(B, C, h, w\), "
+                                         rf"e\.g\. vae\.decoder; got {problem}"):
+        fastvar.summary(var, decoder=decoder)
+    assert fastvar.summary(var, decoder=var.vae_proxy[0].decoder).decoder_flops > 0
 
 
 def test_measured_kv_cache_bytes_are_the_summarys():

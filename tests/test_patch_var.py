@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from conftest import attended_keys, tiny_var
@@ -58,6 +62,26 @@ def test_patch_twice_reconfigures_without_stacking(var):
     assert sum(c.__name__.startswith("FastVAR") for c in type(var.blocks[0]).__mro__) == 1
     fastvar.patch(var, FastVARConfig(skip_last=2))
     assert [r.skipped for r in fastvar.summary(var).rows] == [False] * 4 + [True] * 2
+
+
+def test_deepcopy_is_an_independent_patched_model(var):
+    fastvar.patch(var, prune={-2: 0.5, -1: 0.75}, layers=[0, 2])
+    expected = generate(var)
+    twin = copy.deepcopy(var)
+    assert fastvar.is_patched(twin) and twin._fastvar is not var._fastvar
+    assert all(b._fastvar is twin._fastvar for b in twin.blocks) and all(b._fastvar is var._fastvar for b in var.blocks)
+    assert twin._fastvar.schedule == var._fastvar.schedule
+    assert torch.equal(generate(twin), expected)
+    fastvar.unpatch(twin)
+    assert fastvar.is_patched(var) and all(type(b).__name__ == "FastVARAdaLNSelfAttn" for b in var.blocks)
+    assert torch.equal(generate(var), expected)
+    unpatched = generate(twin)
+    fastvar.patch(twin, FastVARConfig(skip_last=2))
+    fastvar.unpatch(var)
+    assert torch.equal(generate(var), unpatched) and twin._fastvar.schedule.executed == len(PATCH_NUMS) - 2
+    for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"fastvar-patched VAR cannot be pickled .*call fastvar\.unpatch"):
+            save(twin)
 
 
 def record_attention_calls(var):
@@ -159,7 +183,12 @@ def test_summary_reports_pruning_skipping_and_flops(var):
     assert [r.skipped for r in s.rows] == [False] * 5 + [True]
     assert s.rows[3].cached and s.rows[4].pruning_blocks == 1 and 0 < s.flop_ratio < 1
     text = str(s)
-    assert "18 in 1 pruning blocks, 36 in the other 2" in text and "skipped" in text
+    assert "18 in 1 pruning block, 36 in the other 2 " in text and "skipped" in text
+    assert ": 3 blocks," in text and "for 1 image with guidance" in text
+    fastvar.patch(var, prune={-2: 0.5}, layers=[0, 2])
+    assert "18 in 2 pruning blocks, 36 in the other 1 " in str(fastvar.summary(var, batch=2))
+    assert "for 2 images with guidance" in str(fastvar.summary(var, batch=2))
+    assert ": 1 block," in str(fastvar.summary(fastvar.patch(tiny_var(depth=1), "none")))
     fastvar.patch(var, "none")
     assert fastvar.summary(var).flop_ratio == 1.0
 

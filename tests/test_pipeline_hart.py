@@ -112,6 +112,19 @@ def test_offline_names_the_missing_file_and_its_parameter(tmp_path, hub_offline,
         HARTPipeline.from_pretrained("hart-0.7b")
 
 
+def test_a_wrong_local_path_is_named_as_given(tmp_path, hub_offline):
+    hart = tmp_path / "hart"
+    write_official_hart(hart)
+    typo = tmp_path / "hrat" / "tokenizer"
+    with pytest.raises(WeightsUnavailableError, match=rf"^vae_weights={typo}: no such file or folder$"):
+        HARTPipeline.from_pretrained("hart-0.7b", weights=hart / "llm", vae_weights=typo)
+    (hart / "tokenizer" / "config.json").rename(hart / "config.json")
+    with pytest.raises(WeightsUnavailableError, match=rf"^{hart}/tokenizer \(vae_weights\) holds none of "
+                                                      r"\['tokenizer/config.json', 'config.json'\]$"):
+        HARTPipeline.from_pretrained("hart-0.7b", weights=hart / "llm", vae_weights=hart / "tokenizer" /
+                                     "pytorch_model.bin")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt=["a cat", 3]), r"prompt must be a non-empty string or a non-empty list of them"),
     (dict(prompt="a cat", cfg=-1.0), r"cfg = -1\.0: the guidance scale must be a number >= 0"),

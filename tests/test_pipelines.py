@@ -211,7 +211,7 @@ def test_var_pipeline_returns_the_official_calls_images(var_pipe):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(class_ids=[5000]), r"class id 5000 is out of range: this VAR has classes 0\.\.999"),
+    (dict(class_ids=[5000]), r"class id 5000 is out of range: ImageNet class ids are 0\.\.999$"),
     (dict(class_ids=[1000]), r"class id 1000 is out of range"),
     (dict(class_ids=[3, -2]), r"class id -2 is out of range"),
     (dict(class_ids=[]), r"class_ids must be an int or a non-empty list of ints"),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_var
 
+import fastvar
+import fastvar.state
 from fastvar.pruning import gather_tokens, kept_count, restore, select_pivotal, token_scores
 
 
@@ -71,6 +74,42 @@ def test_restore_resizes_cache_and_writes_fresh_tokens(cached_hw, hw):
             expected[b, idx[b, j]] = fresh[b, j]
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(brute_force_area_resize(grid, *hw), F.interpolate(grid, size=hw, mode="area"))
+
+
+def area_restored(cached, cached_hw, fresh, idx, hw) -> torch.Tensor:
+    """The full map as the unpatched path's precision gives it: the cached map area-resized in its own dtype,
+    the fresh tokens written at their positions."""
+    B, _, C = cached.shape
+    grid = cached.reshape(B, *cached_hw, C).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=hw, mode="area").permute(0, 2, 3, 1).reshape(B, hw[0] * hw[1], C).clone()
+    out[torch.arange(B)[:, None], idx] = fresh
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_restore_stays_in_half_precision(dtype):
+    cached, fresh = torch.randn(2, 16, 8).to(dtype), torch.randn(2, 10, 8).to(dtype)
+    idx = torch.stack([torch.randperm(36)[:10] for _ in range(2)])
+    out = restore(cached, (4, 4), fresh, idx, (6, 6))
+    assert out.dtype == dtype
+    assert torch.equal(out, area_restored(cached, (4, 4), fresh, idx, (6, 6)))
+
+
+def test_restore_in_a_model_under_bfloat16_autocast(monkeypatch):
+    original, calls = fastvar.state.restore, []
+
+    def recording(*args):
+        calls.append((args, out := original(*args)))
+        return out
+
+    monkeypatch.setattr(fastvar.state, "restore", recording)
+    var = fastvar.patch(tiny_var(depth=2, patch_nums=(1, 2, 3, 4, 6)), prune={-2: 0.5, -1: 0.75})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([3, 9]), g_seed=1, cfg=2.0, top_k=0, top_p=0.0)
+    assert len(calls) == 2 * 2 * 2  # 2 pruned scales x 2 blocks x 2 branches
+    for (cached, cached_hw, fresh, idx, hw), out in calls:
+        assert cached.dtype == fresh.dtype == out.dtype == torch.bfloat16  # the branch's own output dtype
+        assert torch.equal(out, area_restored(cached, cached_hw, fresh, idx, hw))
 
 
 @pytest.mark.parametrize("n, ratio, kept", [(1024, 0.4, 615), (1600, 0.5, 800), (256, 0.0, 256), (256, 1.0, 0),

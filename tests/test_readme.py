@@ -12,7 +12,8 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from conftest import write_hub_cache, write_official_files
+import torch
+from conftest import tiny_var_pair, write_hub_cache, write_official_files
 
 from fastvar import cli
 
@@ -100,6 +101,49 @@ def test_examples_run(script, argv, stand_in_world, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, *argv])
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     assert capsys.readouterr().out
+
+
+UPSTREAM_STAND_IN = """
+from conftest import tiny_var_pair
+
+
+def build_vae_var(**official):
+    return tiny_var_pair()
+"""
+
+
+def test_var_upstream_example_runs_on_a_stand_in_clone(tmp_path, monkeypatch, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text(UPSTREAM_STAND_IN)
+    vae, var = tiny_var_pair()
+    torch.save(var.state_dict(), tmp_path / "var.pth")
+    torch.save(vae.state_dict(), tmp_path / "vae.pth")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the clone first
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    monkeypatch.setattr(sys, "argv", ["var_upstream.py", *(str(tmp_path / f) for f in ("", "var.pth", "vae.pth"))])
+    try:
+        runpy.run_path(str(ROOT / "examples" / "var_upstream.py"), run_name="__main__")
+    finally:
+        sys.modules.pop("models", None)
+    assert "torch.Size([2, 3, 96, 96])" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, problem", [
+    ([], "give 3 arguments, not 0"),
+    (["{tmp}", "{tmp}/var.pth"], "give 3 arguments, not 2"),
+    (["{tmp}/nowhere", "{tmp}/var.pth", "{tmp}/var.pth"], "{tmp}/nowhere is not a clone of FoundationVision/VAR"),
+    (["{tmp}", "{tmp}/var.pth", "{tmp}/vae.pth"], "{tmp}/vae.pth is not a file"),
+])
+def test_var_upstream_example_without_its_arguments_prints_its_usage(argv, problem, tmp_path, monkeypatch, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "var.pth").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["var_upstream.py", *(a.format(tmp=tmp_path) for a in argv)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "examples" / "var_upstream.py"), run_name="__main__")
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and not out
+    assert err.startswith("usage: python examples/var_upstream.py VAR_REPO VAR_CKPT VAE_CKPT (")
+    assert problem.format(tmp=tmp_path) in err and err.count("\n") == 1
 
 
 def test_every_example_is_listed_and_compiles():

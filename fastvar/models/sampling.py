@@ -59,6 +59,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+SEEDS = (-2**63, 2**64)  # what torch's generators take (a negative seed s is s + 2**64)
+
+
+def check_seed(seed: object, what: str = "seed") -> None:
+    """Refuse a seed torch's generators would not take (None: unseeded, allowed)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEEDS[0] <= seed < SEEDS[1]):
+        raise ValueError(f"{what} = {seed!r}: must be an int from -2**63 to 2**64 - 1, what torch's generators take")
+
+
 def check_sampling(B: int, top_k: int, top_p: float, cfg: float | Sequence[float] = (),
                    tau: float | Sequence[float] = ()) -> None:
     """Refuse, before any compute, sampling arguments outside their meaning.

@@ -102,6 +102,12 @@ class Pipeline:
                 module.to("cpu")
 
     @classmethod
+    def check_call(cls, *args: Any, **kwargs: Any) -> Any:
+        """Refuse, without a model and before any compute, the ``__call__`` arguments the call would refuse;
+        returns them normalised (subclasses: same signature as ``__call__``)."""
+        raise NotImplementedError
+
+    @classmethod
     def check_preset(cls, preset: Preset) -> None:
         """Refuse, before any compute, a preset name the family does not have."""
         if isinstance(preset, str) and preset not in cls.adapter.presets:
@@ -136,6 +142,14 @@ class Pipeline:
     @classmethod
     def add_sampling_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Options of every command that become ``__call__`` arguments (guidance, sampling, size)."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_plan(cls, args: argparse.Namespace, random: bool,
+                   options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+        """The scale shapes (h, w) a call with ``options`` runs and the depth of the model the model options
+        name (official weights, or random ones), without loading it: a FastVAR config is checked against
+        them first. ``ValueError`` for model options ``from_arguments`` would refuse."""
         raise NotImplementedError
 
     @classmethod

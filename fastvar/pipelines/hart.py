@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from fastvar.adapters.hart import HartAdapter
-from fastvar.hub import Checkpoint, load_checkpoint, parameters_on_meta, read_state_dict
-from fastvar.models.hart import HART, HARTTokenizer, build
-from fastvar.models.sampling import check_sampling
+from fastvar.hub import Checkpoint, WeightsUnavailableError, load_checkpoint, parameters_on_meta, read_state_dict
+from fastvar.models.hart import HART, OFFICIAL, HARTTokenizer, build
+from fastvar.models.sampling import check_sampling, check_seed
 from fastvar.pipelines.base import (
     Pipeline,
     Preset,
@@ -56,11 +56,13 @@ def read_config(path: Path, build_fn: Any, what: str) -> Any:
         raise ValueError(f"{path} ({what}): {err}") from None
 
 
-def folder_of(path: str | Path | None) -> Path | None:
-    """The folder a user-given checkpoint sits in (its config.json is beside it)."""
+def folder_of(path: str | Path | None, parameter: str) -> Path | None:
+    """The folder a user-given checkpoint (``parameter``) sits in: its config.json is beside it."""
     if path is None:
         return None
     path = Path(path)
+    if not path.exists():
+        raise WeightsUnavailableError(f"{parameter}={path}: no such file or folder")
     return path if path.is_dir() else path.parent
 
 
@@ -111,8 +113,8 @@ class HARTPipeline(Pipeline):
             folder = Path(name_or_path)
         else:
             raise ValueError(f"{name_or_path!r} is neither an official HART ({list(MODELS)}) nor a folder")
-        tokenizer_config = TOKENIZER_CONFIG.find(folder_of(vae_weights), [folder])
-        transformer_config = TRANSFORMER_CONFIG.find(folder_of(weights), [folder])
+        tokenizer_config = TOKENIZER_CONFIG.find(folder_of(vae_weights, "vae_weights"), [folder])
+        transformer_config = TRANSFORMER_CONFIG.find(folder_of(weights, "weights"), [folder])
         tokenizer_state = read_state_dict(TOKENIZER.find(vae_weights, [folder]))  # memory-mapped: nothing read yet
         transformer_state = read_state_dict(TRANSFORMER.find(weights, [folder]))
         text_tokenizer = load_pretrained(transformers.AutoTokenizer, text_encoder, "text_encoder")
@@ -161,6 +163,20 @@ class HARTPipeline(Pipeline):
             features = hidden[:, prefix.shape[1]:].float()
         return dict(label_B=features, context_mask=mask, context_position_ids=mask.cumsum(dim=1) - 1)
 
+    @classmethod
+    def check_call(
+        cls, prompt: str | Sequence[str], seed: int | None = SAMPLING["seed"], cfg: float = SAMPLING["cfg"],
+        more_smooth: bool = SAMPLING["more_smooth"], top_p: float = 0.0, preset: Preset = None,
+        progress: bool = True,
+    ) -> list[str]:
+        """The prompts of a call, or ``ValueError`` for any argument the call would refuse (checked without a
+        model, before any compute)."""
+        prompts = check_prompts(prompt)
+        check_seed(seed)
+        check_sampling(len(prompts), 0, top_p, cfg)
+        cls.check_preset(preset)
+        return prompts
+
     def __call__(
         self, prompt: str | Sequence[str], seed: int | None = SAMPLING["seed"], cfg: float = SAMPLING["cfg"],
         more_smooth: bool = SAMPLING["more_smooth"], top_p: float = 0.0, preset: Preset = HartAdapter.default_preset,
@@ -169,8 +185,7 @@ class HARTPipeline(Pipeline):
         """1024 px images for the prompts (the official sampling: top-k 600 for the first 7 scales, 300 after;
         ``top_p = 0``: no top-p filtering). ``preset``: a FastVAR preset name or config, or None for the
         unpatched model."""
-        prompts = check_prompts(prompt)
-        check_sampling(len(prompts), 0, top_p, cfg)
+        prompts = self.check_call(prompt, seed, cfg, more_smooth, top_p, preset)
         self.apply_preset(preset)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         with self.precision():
@@ -191,7 +206,7 @@ class HARTPipeline(Pipeline):
         parser.add_argument("--weights", help="the llm folder or its weights file (default: the cache, else the Hub)")
         parser.add_argument("--vae-weights", help="the tokenizer folder or its weights file (default: the cache, "
                                                   "else the Hub)")
-        parser.add_argument("--text-encoder", default=TEXT_ENCODER, help="Qwen2 Hub id or local folder")
+        parser.add_argument("--text-encoder", help=f"Qwen2 Hub id or local folder (default: {TEXT_ENCODER})")
 
     @classmethod
     def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -206,13 +221,23 @@ class HARTPipeline(Pipeline):
                             help="Gumbel-softmax smoothing of the token maps")
 
     @classmethod
+    def model_plan(cls, args: argparse.Namespace, random: bool,
+                   options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+        if args.depth is not None and not random:
+            raise ValueError("--depth cuts the official model and needs --random-weights")
+        if args.depth is not None and not 1 <= args.depth <= OFFICIAL["depth"]:
+            raise ValueError(f"--depth must be in 1..{OFFICIAL['depth']}, got {args.depth}")
+        maps = [(pn, pn) for pn in OFFICIAL["patch_nums"][1:]]  # scale 0 is the text, in place of the 1x1 map
+        return [(1, OFFICIAL["context_token"]), *maps], args.depth or OFFICIAL["depth"]
+
+    @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> HARTPipeline:
+        cls.model_plan(args, random, {})
         if random:
             return cls.random(args.depth, args.dtype, args.device)
-        if args.depth is not None:
-            raise ValueError("--depth cuts the official model and needs --random-weights")
         return cls.from_pretrained("hart-0.7b", weights=args.weights, vae_weights=args.vae_weights,
-                                   text_encoder=args.text_encoder, dtype=args.dtype, device=args.device)
+                                   text_encoder=args.text_encoder or TEXT_ENCODER, dtype=args.dtype,
+                                   device=args.device)
 
     @classmethod
     def inputs(cls, args: argparse.Namespace) -> list[str]:

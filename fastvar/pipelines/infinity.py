@@ -19,6 +19,7 @@ from fastvar.hub import Checkpoint, load_checkpoint, parameters_on_meta, read_st
 from fastvar.models.bsq_vae import BSQVAE
 from fastvar.models.infinity import (
     EXTENDED_SCALE,
+    OFFICIAL,
     SIZES,
     TEMPLATE_SCALES,
     VAE_STRIDE,
@@ -27,7 +28,7 @@ from fastvar.models.infinity import (
     nearest_template,
     scale_schedule,
 )
-from fastvar.models.sampling import check_sampling
+from fastvar.models.sampling import check_sampling, check_seed
 from fastvar.pipelines.base import (
     Pipeline,
     Preset,
@@ -219,6 +220,24 @@ class InfinityPipeline(Pipeline):
         cu_seqlens_k = F.pad(torch.tensor(lens, device=device).cumsum(0), (1, 0)).to(torch.int32)
         return kv_compact, lens, cu_seqlens_k, max(lens)
 
+    @classmethod
+    def check_call(
+        cls, prompt: str | Sequence[str], seed: int | None = 0, cfg: float = 3.0, tau: float = 0.5,
+        size: tuple[int, int] | str | None = None, aspect_ratio: float | None = None, pixels: str = "1M",
+        negative_prompt: str | Sequence[str] | None = None, top_k: int = 900, top_p: float = 0.97,
+        preset: Preset = None, progress: bool = True,
+    ) -> tuple[list[str], list[str] | None, list[tuple[int, int, int]]]:
+        """The prompts, negative prompts and scale schedule of a call, or ``ValueError`` for any argument the
+        call would refuse (checked without a model, before any compute)."""
+        prompts = check_prompts(prompt)
+        negatives = None if negative_prompt is None else check_prompts(negative_prompt, "negative_prompt",
+                                                                       len(prompts))
+        schedule = pick_schedule(size, aspect_ratio, pixels)
+        check_seed(seed)
+        check_sampling(len(prompts), top_k, top_p, cfg, tau)
+        cls.check_preset(preset)
+        return prompts, negatives, schedule
+
     def __call__(
         self, prompt: str | Sequence[str], seed: int | None = 0, cfg: float = 3.0, tau: float = 0.5,
         size: tuple[int, int] | str | None = None, aspect_ratio: float | None = None, pixels: str = "1M",
@@ -230,12 +249,9 @@ class InfinityPipeline(Pipeline):
         'extended'). ``negative_prompt`` replaces the learned null text of guidance. ``top_k = 0`` /
         ``top_p = 0``: no filtering. ``preset``: a FastVAR preset name or config, or None for the unpatched
         model."""
-        prompts = check_prompts(prompt)
-        negatives = None if negative_prompt is None else check_prompts(negative_prompt, "negative_prompt",
-                                                                       len(prompts))
-        schedule = pick_schedule(size, aspect_ratio, pixels)
+        prompts, negatives, schedule = self.check_call(prompt, seed, cfg, tau, size, aspect_ratio, pixels,
+                                                       negative_prompt, top_k, top_p, preset)
         K = len(schedule)
-        check_sampling(len(prompts), top_k, top_p, cfg, tau)
         self.apply_preset(preset)
         with self.precision():
             with self.working(self.text_encoder):
@@ -263,8 +279,7 @@ class InfinityPipeline(Pipeline):
                                               "default: the cache, else the Hub)")
         parser.add_argument("--vae-weights", help="VAE checkpoint file or folder (default: the --weights folder, the "
                                                   "cache, else the Hub)")
-        parser.add_argument("--text-encoder", default=TEXT_ENCODER,
-                            help="flan-T5 Hub id or local folder (default: %(default)s)")
+        parser.add_argument("--text-encoder", help=f"flan-T5 Hub id or local folder (default: {TEXT_ENCODER})")
 
     @classmethod
     def add_input_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -284,14 +299,25 @@ class InfinityPipeline(Pipeline):
         parser.add_argument("--top-p", type=float, default=0.97, help="0: no top-p filtering (default: %(default)s)")
 
     @classmethod
+    def model_plan(cls, args: argparse.Namespace, random: bool,
+                   options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+        official = OFFICIAL[f"infinity-{args.model}"][0]["depth"]
+        if args.depth is not None and not random:
+            raise ValueError("--depth cuts the official model and needs --random-weights")
+        if args.depth is not None and not 1 <= args.depth <= official:
+            raise ValueError(f"--depth must be in 1..{official} for infinity-{args.model}, got {args.depth}")
+        schedule = pick_schedule(options.get("size"), options.get("aspect_ratio"), options.get("pixels", "1M"))
+        return [(h, w) for _, h, w in schedule], args.depth or official
+
+    @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> InfinityPipeline:
+        cls.model_plan(args, random, {})
         name = f"infinity-{args.model}"
         if random:
             return cls.random(name, args.depth, args.dtype, args.device)
-        if args.depth is not None:
-            raise ValueError("--depth cuts the official model and needs --random-weights")
         return cls.from_pretrained(name, weights=args.weights, vae_weights=args.vae_weights,
-                                   text_encoder=args.text_encoder, dtype=args.dtype, device=args.device)
+                                   text_encoder=args.text_encoder or TEXT_ENCODER, dtype=args.dtype,
+                                   device=args.device)
 
     @classmethod
     def inputs(cls, args: argparse.Namespace) -> list[str]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastvar.adapters.var import VarAdapter
 from fastvar.hub import Checkpoint, load_checkpoint, parameters_on_meta, read_state_dict
+from fastvar.models.sampling import check_sampling, check_seed
 from fastvar.models.var import OFFICIAL_DEPTHS, PATCH_NUMS_256, PATCH_NUMS_512, VAR, build
 from fastvar.pipelines.base import Pipeline, Preset, resolve_device, to_pil
 
@@ -20,6 +21,7 @@ HUB_REPO = "FoundationVision/var"
 MODELS = {f"var-d{depth}": depth for depth in OFFICIAL_DEPTHS}
 VAE = Checkpoint(HUB_REPO, "vae_ch160v4096z32", "vae_weights")
 SAMPLING = dict(cfg=4.0, top_k=900, top_p=0.95)  # the official demo's settings
+NUM_CLASSES = 1000  # ImageNet's, those of every official VAR
 
 
 def transformer_checkpoint(depth: int) -> Checkpoint:
@@ -97,6 +99,24 @@ class VARPipeline(Pipeline):
             _, var = build(depth, PATCH_NUMS_512 if resolution == 512 else PATCH_NUMS_256)
         return cls(var, dtype)
 
+    @classmethod
+    def check_call(cls, class_ids: int | Sequence[int], seed: int | None = 0, cfg: float = SAMPLING["cfg"],
+                   top_k: int = SAMPLING["top_k"], top_p: float = SAMPLING["top_p"], more_smooth: bool = False,
+                   preset: Preset = None, progress: bool = True) -> list[int]:
+        """The class ids of a call as a list, or ``ValueError`` for any argument the call would refuse (checked
+        without a model, before any compute)."""
+        ids = [class_ids] if isinstance(class_ids, int) and not isinstance(class_ids, bool) else class_ids
+        if not isinstance(ids, list | tuple) or not ids or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                   for i in ids):
+            raise ValueError(f"class_ids must be an int or a non-empty list of ints, got {class_ids!r}")
+        outside = [i for i in ids if not 0 <= i < NUM_CLASSES]
+        if outside:
+            raise ValueError(f"class id {outside[0]} is out of range: ImageNet class ids are 0..{NUM_CLASSES - 1}")
+        check_seed(seed)
+        check_sampling(len(ids), top_k, top_p, cfg)
+        cls.check_preset(preset)
+        return list(ids)
+
     def __call__(
         self, class_ids: int | Sequence[int], seed: int | None = 0, cfg: float = SAMPLING["cfg"],
         top_k: int = SAMPLING["top_k"], top_p: float = SAMPLING["top_p"], more_smooth: bool = False,
@@ -104,9 +124,7 @@ class VARPipeline(Pipeline):
     ) -> list[Image.Image]:
         """One image per ImageNet class id (repeat an id for several samples). ``top_k = 0`` / ``top_p = 0``:
         no filtering. ``preset``: a FastVAR preset name or config, or None for the unpatched model."""
-        ids = [class_ids] if isinstance(class_ids, int) else list(class_ids)
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ValueError(f"class_ids must be an int or a non-empty list of ints, got {class_ids!r}")
+        ids = self.check_call(class_ids, seed, cfg, top_k, top_p, more_smooth, preset)
         labels = torch.tensor(ids, device=self.device)
         self.apply_preset(preset)
         with self.precision(), self.working(self.transformer, self.vae):  # the model's call decodes
@@ -143,12 +161,25 @@ class VARPipeline(Pipeline):
         parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (visual quality)")
 
     @classmethod
+    def model_plan(cls, args: argparse.Namespace, random: bool,
+                   options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+        if args.depth < 1:
+            raise ValueError(f"--depth must be >= 1, got {args.depth}")
+        if not random:
+            if args.depth not in OFFICIAL_DEPTHS:
+                raise ValueError(f"no official VAR of depth {args.depth} (official: {OFFICIAL_DEPTHS}); "
+                                 "use --random-weights for other depths")
+            if args.resolution is not None:
+                raise ValueError("--resolution picks the schedule of random weights (--random-weights); an official "
+                                 "VAR has its own: 512 for d36, 256 for the others")
+        resolution = args.resolution or (512 if args.depth == 36 else 256)
+        return [(pn, pn) for pn in (PATCH_NUMS_512 if resolution == 512 else PATCH_NUMS_256)], args.depth
+
+    @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> VARPipeline:
+        cls.model_plan(args, random, {})
         if random:
             return cls.random(args.depth, args.resolution, args.dtype, args.device)
-        if args.depth not in OFFICIAL_DEPTHS:
-            raise ValueError(f"no official VAR of depth {args.depth} (official: {OFFICIAL_DEPTHS}); "
-                             "use --random-weights for other depths")
         return cls.from_pretrained(f"var-d{args.depth}", weights=args.weights, vae_weights=args.vae_weights,
                                    dtype=args.dtype, device=args.device)
 
