@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 try:
     from flash_attn import flash_attn_func
-except ImportError:  # flash-attn is optional: `pip install fastvar-torch[flash]`
+except ImportError:  # flash-attn is optional, for CUDA machines (the 'flash' extra)
     flash_attn_func = None
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)

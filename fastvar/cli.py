@@ -167,7 +167,8 @@ def check_model_options(args: argparse.Namespace, family: type[Pipeline], random
         given = [f"--{name.replace('_', '-')}" for name in ("weights", "vae_weights", "text_encoder")
                  if getattr(args, name, None) is not None]
         if given:
-            raise UserError(f"{' and '.join(given)} name(s) files, and --random-weights asks for none: give one")
+            raise UserError(f"{' and '.join(given)} {'gives' if len(given) == 1 else 'give'} files to load and "
+                            "--random-weights asks for none: give one or the other")
     shapes, depth = family.model_plan(args, random, options)
     for name, variant in variants.items():
         config = family.adapter.presets[variant] if isinstance(variant, str) else variant

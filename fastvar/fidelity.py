@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 import fastvar
 from fastvar.adapters import find_adapter
 from fastvar.bench import StepClock
+from fastvar.extras import install_hint
 from fastvar.models.sampling import recording_draws
 from fastvar.pipelines.base import Pipeline, Preset, preset_name
 
@@ -123,7 +124,7 @@ def image_metrics(images: Sequence[Image.Image], references: Sequence[Image.Imag
     try:
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     except ImportError as err:  # an optional dependency
-        raise ImportError("image metrics need torchmetrics: pip install 'fastvar-torch[compare]'") from err
+        raise ImportError(f"image metrics need torchmetrics: {install_hint('compare')}") from err
 
     def batch(pictures: Sequence[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures])).permute(0, 3, 1, 2) / 255

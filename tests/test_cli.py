@@ -120,9 +120,10 @@ def nothing_loads(monkeypatch):
     (["generate", "var", "--seed", str(2**70)], r"seed = 1180591620717411303424: must be an int from -2\*\*63 to "
                                                 r"2\*\*64 - 1"),
     (["generate", "var", "--resolution", "512"], r"--resolution picks the schedule of random weights"),
-    (["generate", "var", "--random-weights", "--weights", "w.pth"], r"--weights name\(s\) files, and "
-                                                                    r"--random-weights asks for none: give one"),
-    (["generate", "hart", "--random-weights", "--text-encoder", "q"], r"--text-encoder name\(s\) files"),
+    (["generate", "var", "--random-weights", "--weights", "w.pth"], r"--weights gives files to load and "
+                                                                    r"--random-weights asks for none: give one or"),
+    (["generate", "hart", "--random-weights", "--text-encoder", "q", "--vae-weights", "v"],
+     r"--vae-weights and --text-encoder give files to load"),
     (["generate", "infinity", "--size", "1000x1000"], r"unsupported size 1000x1000 \(width x height\); nearest "
                                                       r"supported: 1024x1024"),
     (["generate", "infinity", "--aspect-ratio", "7"], r"unsupported aspect ratio \(height / width\) 7\.0"),
@@ -285,6 +286,10 @@ def test_bench_falls_back_to_random_weights_when_none_are_at_hand(tiny_official,
     assert "batch 2" in captured.out
     header = next(line for line in captured.out.splitlines() if line.lstrip().startswith("scale"))
     assert header.split()[-2:] == ["baseline", "paper"]
+    cli.main(["bench", "infinity", "--depth", "2", "--size", "256x256", "--repeats", "1", "--warmup", "0", "--preset",
+              "none"])  # a cut model has no official weights: random ones are timed
+    assert "(--depth cuts the official model and needs --random-weights); timing random weights" in \
+        capsys.readouterr().err
 
 
 def test_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):

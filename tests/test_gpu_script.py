@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_script_smoke_run_writes_every_case_and_the_table(tmp_path):
     env = dict(os.environ, FASTVAR_BENCH_SMOKE="1")
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=1200)  # about a minute, several on a loaded machine
     assert done.returncode == 0, done.stderr[-3000:]
     cases = sorted(p.stem for p in tmp_path.glob("*.json"))
-    assert len(cases) == 10 and {c.split("-")[0] for c in cases} == {"var", "infinity", "hart"}
+    assert cases == ["hart-0.7b-1024-b1", "infinity-2b-1024-b1", "infinity-2b-1024-b4", "infinity-2b-1344-b1",
+                     "var-d16-256-b1", "var-d16-256-b16"]  # the VAR depths share one stand-in
     hart = json.loads((tmp_path / "hart-0.7b-1024-b1.json").read_text())
     assert [v["name"] for v in hart["variants"]] == ["baseline", "paper", "skip-last", "paper-unguided-last", "none"]
     assert all(k in hart for k in ("device", "torch", "dtype", "model"))
@@ -31,6 +32,6 @@ def test_gpu_script_smoke_run_writes_every_case_and_the_table(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_script_without_a_folder_is_one_error_line():
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith("error: usage: benchmarks/gpu.sh OUT_DIR")
     assert done.stderr.count("\n") == 1

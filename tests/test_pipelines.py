@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -14,6 +16,7 @@ from conftest import tiny_infinity, tiny_text_encoder, tiny_var, write_hub_cache
 import fastvar
 import fastvar.models.var as var_module
 from fastvar import InfinityPipeline, VARPipeline
+from fastvar.extras import install_hint
 from fastvar.hub import WeightsUnavailableError
 from fastvar.pipelines.base import resolve_device, to_pil
 from fastvar.pipelines.infinity import schedule_for
@@ -329,3 +332,15 @@ def test_model_offload_moves_each_module_only_while_it_works(tiny_official, monk
     pipe.to("cpu")  # offload off: nothing moves during a call
     pipe("a cat", seed=1, size=(256, 256), top_k=2, progress=False)
     assert [m for m in moves if m] == ["transformer", "vae"]  # those of to() itself
+
+
+def test_a_missing_optional_package_names_what_to_install(monkeypatch):
+    """The hint lists the extra's packages as pyproject.toml has them: it works from a wheel and a clone."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"the Infinity text encoder needs transformers: pip install") as info:
+        InfinityPipeline.from_pretrained("infinity-2b")
+    assert str(info.value).split(": ", 1)[1] == "pip install " + " ".join(f"'{p}'" for p in extras["infinity"])
+    assert install_hint("compare") == "pip install " + " ".join(f"'{p}'" for p in extras["compare"])

@@ -186,18 +186,18 @@ def test_a_run_killed_in_the_middle_of_a_batch_resumes_to_the_uninterrupted_set(
                 "--out", str(out), "--no-progress"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    whole = subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), env=dict(env, TINY_CLI_WRITE_DELAY="0.5"),
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 900
     while not (killed / "000004.png").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (killed / "000004.png").exists() and not (killed / sampler.batch_record(2)).exists()
-    resumed = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0 and "8 images in" in resumed.stderr, resumed.stderr
     assert "(2 of 4 batches generated now" in resumed.stderr
     assert without_timing(files_of(killed)) == without_timing(files_of(tmp_path / "whole"))
@@ -325,7 +325,7 @@ def torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
             str(Path(__file__).with_name("tiny_cli.py")), "sample", "var", "--random-weights", "--device", "cpu",
             "--classes", "0-4", "--per-class", "2", "--batch", "2", "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as torchrun sets it for several processes
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)  # seconds; minutes when loaded
 
 
 def test_two_processes_under_torchrun_write_what_one_writes_and_resume_its_run(tmp_path):

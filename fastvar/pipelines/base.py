@@ -17,6 +17,7 @@ import fastvar
 from fastvar.adapters.base import Adapter
 from fastvar.config import FastVARConfig
 from fastvar.dtypes import resolve_dtype
+from fastvar.extras import install_hint
 from fastvar.hub import WeightsUnavailableError, hub_unreachable_reason
 
 Preset = FastVARConfig | str | None
@@ -203,7 +204,7 @@ def transformers_module(family: str, extra: str) -> Any:
         import transformers
     except ImportError as err:  # an optional dependency
         raise ImportError(f"the {family} text encoder needs transformers: "
-                          f"pip install 'fastvar-torch[{extra}]'") from err
+                          f"{install_hint(extra)}") from err
     return transformers
 
 
