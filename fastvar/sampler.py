@@ -200,10 +200,18 @@ def check_plan(family: type[Pipeline], items: Sequence[Item], out_dir: str | Pat
     check_seed(seed + batches - 1, f"the last batch's seed (seed {seed} + {batches - 1})")
     family.check_call(**{family.batch_argument: [i.input for i in items]}, **options)
     out = check_out_dir(out_dir)
-    if rank_and_world()[0] == 0:  # the ranks of one run leave the folder to rank 0
-        run = fingerprint(family, items, layout, batch_size, seed, preset, options, dtype, device)
-        run_folder.check_run(out, run, allow_existing)
-        run_folder.check_unlocked(out)
+    rank, world = rank_and_world()
+    problem = None
+    if rank == 0:  # the ranks of one run leave the folder to rank 0, and all stop if it refuses
+        try:
+            run_folder.check_run(out, fingerprint(family, items, layout, batch_size, seed, preset, options, dtype,
+                                                  device), allow_existing)
+            run_folder.check_unlocked(out)
+        except ValueError as err:
+            problem = str(err)
+    problem = from_rank_0(problem, world)
+    if problem is not None:
+        raise ValueError(problem)
     return out
 
 

@@ -319,11 +319,11 @@ def test_hart_flat_run(tmp_path, tiny_official):
 # ----------------------------------------------------------------------------- the command, on one and two processes
 
 
-def torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
+def torchrun(processes: int, out: Path, batch: int = 2) -> subprocess.CompletedProcess:
     """``fastvar sample`` on a tiny VAR, under torchrun."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
             str(Path(__file__).with_name("tiny_cli.py")), "sample", "var", "--random-weights", "--device", "cpu",
-            "--classes", "0-4", "--per-class", "2", "--batch", "2", "--out", str(out), "--no-progress"]
+            "--classes", "0-4", "--per-class", "2", "--batch", str(batch), "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as torchrun sets it for several processes
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)  # seconds; minutes when loaded
 
@@ -345,6 +345,9 @@ def test_two_processes_under_torchrun_write_what_one_writes_and_resume_its_run(t
     resumed = torchrun(2, tmp_path / "part")
     assert resumed.returncode == 0 and "(4 of 5 batches generated now" in resumed.stderr, resumed.stderr
     assert "batch 0 (000000.png is missing)" in resumed.stderr
+    refused = torchrun(2, tmp_path / "one", batch=1)  # rank 0 refuses another run's folder: every rank stops
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: ") == 2 and "differs in ['batch_size']" in refused.stderr
     assert without_timing(files_of(tmp_path / "part")) == without_timing(files_of(tmp_path / "one"))
 
 
