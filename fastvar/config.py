@@ -10,7 +10,9 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from fastvar.kv_budget import PACKAGED, KVBudget, KVPlan
 from fastvar.pruning import kept_count
 
 SELECTIONS = ("pivotal", "random")
@@ -33,6 +35,9 @@ class FastVARConfig:
     guidance_off_from: scale position from which the unconditional (CFG) rows are not run: those scales
         sample from the conditional logits alone (guidance weight 0; Infinity's cfg-1 path), at half the
         batch. Changes the output; None (the default) keeps guidance at every scale.
+    kv_budget: a KV budget (ScaleKV, ``fastvar.kv_budget``): after each scale a block's KV cache is cut to
+        the budget's tokens. A ``KVBudget``, the name of a packaged one (``"scalekv-10"``: the official 10%
+        budget of the model's depth), or the path of a file in the official format; None: no budget.
 
     Ablations, to see what each half of the method contributes on a model (the defaults are FastVAR's):
     selection: ``"pivotal"`` keeps the tokens farthest from the map's mean; ``"random"`` keeps tokens drawn
@@ -46,6 +51,7 @@ class FastVARConfig:
     cache_scale: int | None = None
     layers: LayerRule = None
     guidance_off_from: int | None = None
+    kv_budget: KVBudget | str | Path | None = None
     selection: str = "pivotal"
     restoration: str = "cache"
     selection_seed: int = 0
@@ -78,6 +84,11 @@ class FastVARConfig:
                 raise ValueError(f"{name} = {value!r}: accepted are {list(accepted)}")
         if not isinstance(self.selection_seed, int) or isinstance(self.selection_seed, bool):
             raise ValueError(f"selection_seed must be an int, got {self.selection_seed!r}")
+        budget = self.kv_budget
+        if not (budget is None or isinstance(budget, KVBudget | Path) or budget in PACKAGED
+                or (isinstance(budget, str) and Path(budget).is_file())):
+            raise ValueError(f"kv_budget = {budget!r}: give a KVBudget, a packaged budget ({sorted(PACKAGED)}) or the "
+                             "path of a budget file in the official format")
 
     def replace(self, **overrides) -> FastVARConfig:
         """A copy with some fields changed; unknown names raise ``TypeError`` listing the fields."""
@@ -120,8 +131,21 @@ class FastVARConfig:
             if guided >= executed:
                 raise ValueError(f"guidance_off_from={self.guidance_off_from} (index {guided}) is a skipped scale "
                                  f"(skip_last={self.skip_last}); turn guidance off at an executed scale")
-        return Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
-                        layers=layers, depth=depth, text_scales=text_scales, guided=guided)
+        schedule = Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
+                            layers=layers, depth=depth, text_scales=text_scales, guided=guided)
+        if self.kv_budget is None:
+            return schedule
+        if pruned:
+            raise ValueError("a KV budget does not compose with pruning yet: use kv_budget with skipping and "
+                             "guidance-off, or prune without it")
+        return dataclasses.replace(schedule, kv=self._kv_budget(depth).plan(schedule))
+
+    def _kv_budget(self, depth: int) -> KVBudget:
+        if isinstance(self.kv_budget, KVBudget):
+            return self.kv_budget
+        if self.kv_budget in PACKAGED:
+            return KVBudget.packaged(self.kv_budget, depth)
+        return KVBudget.from_file(self.kv_budget)
 
     def _ratios(self, K: int) -> list[float]:
         if callable(self.prune):
@@ -173,6 +197,7 @@ class Schedule:
     depth: int
     text_scales: int = 0  # leading scales of text tokens rather than token maps
     guided: int | None = None  # scales before this one run both CFG halves, the rest the conditional rows only
+    kv: KVPlan | None = None  # the KV budget on this schedule
 
     def __post_init__(self):
         if self.guided is None:
@@ -200,9 +225,12 @@ class Schedule:
         return max((si for si, keep in enumerate(self.keep) if keep is not None), default=None)
 
     def kv_tokens(self, layer: int) -> int:
-        """Tokens whose keys and values block ``layer`` caches over one generation: those of every executed
-        scale but the last, which no later scale reads."""
-        return sum(self.tokens_run(si, layer) for si in range(self.executed - 1))
+        """Tokens whose keys and values block ``layer`` holds at most in its cache over one generation: those of
+        every executed scale but the last, which no later scale reads (under a KV budget, the most it holds
+        before a cut)."""
+        if self.kv is None:
+            return sum(self.tokens_run(si, layer) for si in range(self.executed - 1))
+        return max((attended for attended, _ in self.kv.lengths(self, layer)[:-1]), default=0)
 
 
 def check_ratio(ratio: float, what: str) -> float:

@@ -76,14 +76,23 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     preset, config = _config_of(adapter, config, overrides)
     blocks = adapter.blocks(model)
     schedule = config.resolve(adapter.scale_shapes(model), len(blocks), adapter.text_scales)
+    patched = [(block, adapter.block_class) for block in blocks]
+    if config.kv_budget is not None:  # the attention modules whose caches the budget cuts
+        patched += [(adapter.attention(block), adapter.attention_class) for block in blocks]
+    for module, make in patched:
+        _patched_class(type(module)._fastvar_parent if is_patched_module(module) else type(module), make)
     _remove(model)
     state = FastVARState(adapter.family, preset, config, schedule)
     model._fastvar = state
     _swap(model, adapter.root_class)
-    for layer, block in enumerate(blocks):
-        block._fastvar, block._fastvar_layer = state, layer
-        _swap(block, adapter.block_class)
+    for index, (module, make) in enumerate(patched):
+        module._fastvar, module._fastvar_layer = state, index % len(blocks)
+        _swap(module, make)
     return model
+
+
+def is_patched_module(module: nn.Module) -> bool:
+    return "_fastvar_parent" in type(module).__dict__
 
 
 def _remove(model: nn.Module) -> bool:
@@ -91,9 +100,8 @@ def _remove(model: nn.Module) -> bool:
         return False
     model._fastvar.release()
     for module in model.modules():
-        parent = type(module).__dict__.get("_fastvar_parent")
-        if parent is not None:
-            module.__class__ = parent
+        if is_patched_module(module):
+            module.__class__ = type(module)._fastvar_parent
         for name in ("_fastvar", "_fastvar_layer"):
             module.__dict__.pop(name, None)
     return True

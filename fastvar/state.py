@@ -8,9 +8,11 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastvar.config import FastVARConfig, Schedule
+from fastvar.kv_budget import kept_positions, window_positions
 from fastvar.pruning import gather_tokens, restore, restore_zeros, select_pivotal, select_random
 
 Branch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (tokens, their indices or None)
@@ -24,6 +26,7 @@ class FastVARState:
         self.schedule = schedule
         self.scale: int | None = None  # the scale the sampling loop runs; None outside a sampling call
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+        self._kv_passed: set[int] = set()  # blocks whose KV cache passed the budget's threshold in this call
 
     def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
         """Resolve the config for the scale schedule of the coming call (another size or aspect ratio)."""
@@ -97,7 +100,31 @@ class FastVARState:
         seed = zlib.crc32(f"{self.config.selection_seed}:{si}:{layer}:{name}".encode())
         return select_random(x, keep, torch.Generator(device=x.device).manual_seed(seed))
 
+    def cut_kv(self, layer: int, attention: nn.Module, x: torch.Tensor) -> None:
+        """After block ``layer``'s self-attention ran on ``x`` (its input, the scale's tokens), cut its KV cache
+        to the budget (``fastvar.kv_budget``). The window's scoring queries are the bias-free query projection
+        of its tokens (ScaleKV's), computed for those tokens only."""
+        plan, si = self.schedule.kv, self.scale
+        if plan is None or si is None or si == self.schedule.executed - 1:  # no later scale reads the last one
+            return
+        cache = attention.kv_cache
+        length = cache.length
+        capacity = plan.cuts(si, layer, length, layer in self._kv_passed)
+        if length > plan.budget.threshold:
+            self._kv_passed.add(layer)
+        if capacity is None:
+            return
+        rows, n, C = x.shape
+        h, w = self.schedule.shapes[si]
+        local = torch.tensor(window_positions(h, w, plan.budget.window), device=x.device)
+        heads, dim = cache.k.shape[1], cache.k.shape[3]
+        queries = F.linear(x[:, local], attention.mat_qkv.weight[:C]).view(rows, -1, heads, dim).transpose(1, 2)
+        keep = kept_positions(cache.k[:rows, :, :length], queries, local + (length - n), capacity,
+                              plan.budget.kernel_size, plan.budget.pooling)
+        cache.keep(keep)
+
     def release(self) -> None:
         """Free the cached branch outputs and forget the scale (after each generation and on unpatch)."""
         self._cache.clear()
+        self._kv_passed.clear()
         self.scale = None

@@ -52,9 +52,16 @@ def reference_cases(family: str, where=lambda case: True) -> list:
         set_dir = param.values[0]
         if set_dir is None:
             return [pytest.param(None, None, id="no-reference")]
-        cases = json.loads((set_dir / "cases.json").read_text())
-        params += [pytest.param(set_dir, case, id=f"{set_dir.name}/{case['name']}") for case in cases if where(case)]
+        params += [pytest.param(set_dir, case, id=f"{set_dir.name}/{case['name']}")
+                   for case in read_cases(set_dir)[0] if where(case)]
     return params
+
+
+def read_cases(set_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The cases of a set's ``cases.json`` (a list, or ``{"cases": [...], "probes": [...]}``), and its probes:
+    calls the upstream code failed on."""
+    data = json.loads((set_dir / "cases.json").read_text())
+    return (data["cases"], data.get("probes", [])) if isinstance(data, dict) else (data, [])
 
 
 def checked_set(set_dir: Path | None) -> Path:
@@ -102,12 +109,13 @@ class InfinityReference:
         config = json.loads((set_dir / "config.json").read_text())
         self.args = config["vae"]["autoencoder_args"]
         self.transformer_kwargs = config["transformer"]["kwargs"]
-        self.cases = json.loads((set_dir / "cases.json").read_text())
+        self.cases, self.probes = read_cases(set_dir)
         self.vae_state = load_file(set_dir / "vae.safetensors")
         self.infinity_state = load_file(set_dir / "infinity.safetensors")
         self.text = load_file(set_dir / "text.safetensors")
         self.outputs = load_file(set_dir / "outputs.safetensors")
-        self.fastvar_outputs = load_file(set_dir / "fastvar_outputs.safetensors")
+        fastvar_outputs = set_dir / "fastvar_outputs.safetensors"  # the official FastVAR code's, where it ran
+        self.fastvar_outputs = load_file(fastvar_outputs) if fastvar_outputs.exists() else {}
 
     def build_vae(self) -> BSQVAE:
         """A BSQVAE from the namespace handed to the upstream ``AutoEncoder``, with the set's weights."""

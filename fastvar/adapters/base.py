@@ -61,3 +61,13 @@ class Adapter:
     def root_class(parent: type) -> type:
         """A subclass of the root class whose sampling honours scale skipping."""
         raise NotImplementedError
+
+    @staticmethod
+    def attention(block: nn.Module) -> nn.Module:
+        """The self-attention module of a block, whose KV cache a budget cuts."""
+        raise ValueError("KV budgets are implemented for Infinity so far")
+
+    @staticmethod
+    def attention_class(parent: type) -> type:
+        """A subclass of the self-attention class that cuts its KV cache to the budget after each scale."""
+        raise NotImplementedError

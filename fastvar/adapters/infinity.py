@@ -9,7 +9,7 @@ from torch import nn
 
 from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
-from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, ada_layer_norm
+from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, SelfAttention, ada_layer_norm
 from fastvar.models.kv_cache import reserve_kv
 from fastvar.summary import CostModel
 
@@ -101,6 +101,22 @@ def make_any_block_class(parent: type) -> type:
     return (make_upstream_block_class if upstream else make_block_class)(parent)
 
 
+def make_attention_class(parent: type) -> type:
+    if not issubclass(parent, SelfAttention):
+        raise ValueError("KV budgets need fastvar's Infinity (fastvar.models.infinity), whose KV cache they cut in "
+                         "place; the upstream object's attention keeps its own")
+
+    class FastVARSelfAttention(parent):
+        """The self-attention whose KV cache the budget cuts after each scale, once the scale attended to it."""
+
+        def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x, rope)
+            self._fastvar.cut_kv(self._fastvar_layer, self, x)
+            return out
+
+    return FastVARSelfAttention
+
+
 def make_root_class(parent: type) -> type:
     class FastVARInfinity(parent):
         @torch.no_grad()
@@ -142,6 +158,8 @@ class InfinityAdapter(Adapter):
         # Not official: the paper's schedule with its last executed scale (40x40) run without guidance.
         "paper-unguided-last": FastVARConfig(prune={-4: 0.4, -3: 0.5}, skip_last=2, layers=official_layers,
                                              guidance_off_from=-3),
+        # The official ScaleKV budget (10% of the cache) of the model's depth: Infinity-2B's or -8B's file.
+        "scalekv-10": FastVARConfig(kv_budget="scalekv-10"),
         "none": FastVARConfig(),
     }
 
@@ -172,5 +190,10 @@ class InfinityAdapter(Adapter):
         factor = 2 if getattr(model, "apply_spatial_patchify", 0) else 1  # the 8B's tokens are 2x2 latent pixels
         return last_scale[0] * factor, last_scale[1] * factor
 
+    @staticmethod
+    def attention(block: nn.Module) -> nn.Module:
+        return block.sa
+
     block_class = staticmethod(make_any_block_class)
     root_class = staticmethod(make_root_class)
+    attention_class = staticmethod(make_attention_class)

@@ -55,6 +55,16 @@ class KVCache:
         self.length = end
         return k_rows[:, :, :end], v_rows[:, :, :end]
 
+    def keep(self, positions: torch.Tensor) -> None:
+        """Keep only the stored tokens at ``positions`` (rows, H, n), per row and head, in that order (a KV
+        budget's cut); the next scale is written after them."""
+        rows, _, n = positions.shape
+        index = positions.unsqueeze(-1)
+        for buffer in (self.k, self.v):
+            kept = buffer[:rows, :, : self.length].gather(2, index.expand(-1, -1, -1, buffer.shape[3]))
+            buffer[:rows, :, :n] = kept
+        self.length = n
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
