@@ -256,13 +256,18 @@ def bench(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
     items, options = family.inputs(args), family.call_arguments(args)
     inputs = [items[i % len(items)] for i in range(args.batch)]
-    presets = args.presets or list(family.adapter.presets)
+    presets = args.presets or []
     check_presets(presets, family)
     json_out = None if args.json is None else check_output_file(args.json, f"--json {args.json}")
     check_images(family, inputs, options, [0])
     check_model_options(args, family, True, options, {p: p for p in presets})
     resolve_device(args.device)
     pipe = bench_pipeline(args, family, options)
+    if not presets:  # every preset that fits the model (a KV budget is made for a number of blocks)
+        presets = list(fastvar.presets(pipe.transformer))
+        left_out = sorted(set(family.adapter.presets) - set(presets))
+        if left_out:
+            print(f"not for this model, so not timed: {', '.join(left_out)}", file=sys.stderr)
     device = pipe.device
     repeats = args.repeats or (5 if device.type == "cuda" else 2)
     results = benchmark(pipe, {**options, family.batch_argument: inputs}, presets, repeats=repeats,
@@ -414,7 +419,8 @@ def add_bench(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> 
     family.add_input_arguments(p)
     p.add_argument("--batch", type=positive_int, default=1, help="images per call")
     p.add_argument("--preset", dest="presets", action="append",
-                   help=f"preset to time, repeatable: {preset_names(family)} (default: all of them)")
+                   help=f"preset to time, repeatable: {preset_names(family)} (default: every one that fits the "
+                        "model)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per variant (default: 5 on CUDA, 2 on the CPU)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per variant first")
     p.add_argument("--json", help="also write the results to this file as JSON")

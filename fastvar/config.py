@@ -98,10 +98,12 @@ class FastVARConfig:
             raise TypeError(f"unknown FastVARConfig field(s) {unknown}; accepted: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
-    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int, text_scales: int = 0) -> Schedule:
+    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int, text_scales: int = 0,
+                per_call: bool = False) -> Schedule:
         """The per-scale plan for a model with these scale shapes (h, w) and ``depth`` blocks. The first
         ``text_scales`` scales hold text tokens (HART's scale 0), not token maps: they are never pruned
-        nor cached.
+        nor cached. ``per_call``: the shapes are only the model's default, each call resolving its own
+        (Infinity's): a KV budget is then not checked against the caches of these shapes.
 
         Raises ``ValueError`` for scales or layers the model does not have and contradictory settings.
         """
@@ -138,7 +140,7 @@ class FastVARConfig:
         if pruned:
             raise ValueError("a KV budget does not compose with pruning yet: use kv_budget with skipping and "
                              "guidance-off, or prune without it")
-        return dataclasses.replace(schedule, kv=self._kv_budget(depth).plan(schedule))
+        return dataclasses.replace(schedule, kv=self._kv_budget(depth).plan(schedule, check=not per_call))
 
     def _kv_budget(self, depth: int) -> KVBudget:
         if isinstance(self.kv_budget, KVBudget):

@@ -92,7 +92,7 @@ class KVBudget:
         capacities = {}
         for key, entry in scales.items():
             k = int(key.removeprefix("Scale ")) if key.startswith("Scale ") and key[6:].isdigit() else None
-            if k is None or not OFFICIAL_OFFSET <= k - OFFICIAL_OFFSET < OFFICIAL_SCALES or not isinstance(entry, dict):
+            if k is None or not OFFICIAL_OFFSET <= k <= OFFICIAL_SCALES or not isinstance(entry, dict):
                 raise ValueError(f"KV budget file {path}: {key!r} is not a scale of the official format "
                                  f"('Scale {OFFICIAL_OFFSET}' ... 'Scale {OFFICIAL_SCALES}')")
             count = blocks if blocks is not None else sum(1 for name in entry if name.startswith("Block "))
@@ -117,10 +117,10 @@ class KVBudget:
         with resources.as_file(resources.files("fastvar") / "budgets" / files[depth]) as path:
             return cls.from_file(path, name=name)
 
-    def plan(self, schedule: Schedule) -> KVPlan:
-        """The budget on a resolved schedule: each block's capacity at each scale, checked as the cut will run
-        (``ValueError`` naming the expected shape for a budget that does not fit, or that a cache would need
-        at a scale it leaves out)."""
+    def plan(self, schedule: Schedule, check: bool = True) -> KVPlan:
+        """The budget on a resolved schedule: each block's capacity at each scale (``ValueError`` naming the
+        expected shape for a budget that does not fit), with ``check`` verified as the cut will run (that no
+        cache passes the threshold at a scale the budget leaves out)."""
         K, depth = len(schedule.tokens), schedule.depth
         capacity: list[tuple[int, ...] | None] = [None] * K
         for position, counts in sorted(self.capacities.items()):
@@ -132,7 +132,7 @@ class KVBudget:
                                  f"capacities; the model has {depth} blocks")
             capacity[position % K] = counts
         plan = KVPlan(self, tuple(capacity))
-        for layer in range(depth):
+        for layer in range(depth if check else 0):
             plan.lengths(schedule, layer)  # raises where a cache passes the threshold at an unbudgeted scale
         return plan
 
@@ -158,17 +158,15 @@ class KVPlan:
 
     def lengths(self, schedule: Schedule, layer: int) -> list[tuple[int, int]]:
         """Per executed scale of block ``layer``: (keys its queries attend to, tokens cached after it). The last
-        executed scale is attended to and not cut: no later scale reads its cache."""
+        executed scale is attended to, not stored nor cut: no later scale reads it."""
         out, length, passed = [], 0, False
-        for si in range(schedule.executed):
+        for si in range(schedule.executed - 1):
             length += schedule.tokens_run(si, layer)
-            attended = length
-            if si < schedule.executed - 1:
-                cut = self.cuts(si, layer, length, passed)
-                passed = passed or length > self.budget.threshold
-                length = length if cut is None else cut
-            out.append((attended, length))
-        return out
+            cut = self.cuts(si, layer, length, passed)
+            passed = passed or length > self.budget.threshold
+            out.append((length, length if cut is None else cut))
+            length = out[-1][1]
+        return [*out, (length + schedule.tokens_run(schedule.executed - 1, layer), length)]
 
 
 # ----------------------------------------------------------------------------- the cut

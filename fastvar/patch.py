@@ -75,7 +75,8 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     adapter = find_adapter(model)
     preset, config = _config_of(adapter, config, overrides)
     blocks = adapter.blocks(model)
-    schedule = config.resolve(adapter.scale_shapes(model), len(blocks), adapter.text_scales)
+    schedule = config.resolve(adapter.scale_shapes(model), len(blocks), adapter.text_scales,
+                              adapter.schedule_per_call)
     patched = [(block, adapter.block_class) for block in blocks]
     if config.kv_budget is not None:  # the attention modules whose caches the budget cuts
         patched += [(adapter.attention(block), adapter.attention_class) for block in blocks]
@@ -115,8 +116,20 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def presets(model: nn.Module) -> dict[str, FastVARConfig]:
-    """The named configs of ``model``'s family, for ``patch(model, name)``."""
-    return dict(find_adapter(model).presets)
+    """The named configs of ``model``'s family that fit it, for ``patch(model, name)`` (a KV budget is made
+    for a number of blocks: ``scalekv-10`` needs Infinity-2B's 32 or -8B's 40)."""
+    adapter = find_adapter(model)
+    depth = len(adapter.blocks(model))
+    return {name: config for name, config in adapter.presets.items()
+            if fits(config, adapter.scale_shapes(model), depth, adapter.text_scales)}
+
+
+def fits(config: FastVARConfig, shapes: list[tuple[int, int]], depth: int, text_scales: int) -> bool:
+    try:
+        config.resolve(shapes, depth, text_scales)
+    except ValueError:
+        return False
+    return True
 
 
 def is_patched(model: nn.Module) -> bool:

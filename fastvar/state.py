@@ -29,9 +29,9 @@ class FastVARState:
         self._kv_passed: set[int] = set()  # blocks whose KV cache passed the budget's threshold in this call
 
     def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
-        """Resolve the config for the scale schedule of the coming call (another size or aspect ratio)."""
-        if tuple(shapes) != self.schedule.shapes:
-            self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales)
+        """Resolve the config for the scale schedule of the coming call (any size or aspect ratio), checked
+        as that call will run it (a KV budget against the caches it builds)."""
+        self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales)
 
     @contextlib.contextmanager
     def sampling(self, count_calls_of: nn.Module | None = None) -> Iterator[None]:

@@ -45,13 +45,16 @@ class CostModel:
     def schedule_flops(self, schedule: Schedule, patched: bool) -> list[float]:
         """FLOPs per scale of the blocks and head, with the schedule applied or not."""
         flops, keys = [], [0] * schedule.depth
+        budgeted = patched and schedule.kv is not None
+        attended = [[a for a, _ in schedule.kv.lengths(schedule, layer)] for layer in range(schedule.depth)] \
+            if budgeted else None
         for si, tokens in enumerate(schedule.tokens):
             total = 0.0
             if not patched or si < schedule.executed:
                 for layer in range(schedule.depth):
                     run = schedule.tokens_run(si, layer) if patched else tokens
                     keys[layer] += run  # only tokens that ran leave K/V in the cache
-                    total += self.block(run, keys[layer])
+                    total += self.block(run, attended[layer][si] if budgeted else keys[layer])
                 total += self.head(tokens)
                 if si == len(schedule.tokens) - 1:
                     total += self.last_scale_per_token * tokens
@@ -95,6 +98,7 @@ class ScaleRow:
     baseline_kv_bytes: int
     branch_bytes: int  # cached branch outputs held while this scale runs
     text: bool = False  # the scale holds text tokens, not a token map
+    budget_kv_bytes: int | None = None  # the cache held after this scale under a KV budget, every block and row
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Summary:
     batch: int = 1
     element_size: int = 4
     decoder_flops: float | None = None  # per image
+    width: int = 0
 
     @property
     def flop_ratio(self) -> float:
@@ -130,10 +135,23 @@ class Summary:
         return ((sum(r.flops for r in self.rows) + self.decoder_flops)
                 / (sum(r.baseline_flops for r in self.rows) + self.decoder_flops))
 
+    kv_peak_tokens: int | None = None  # under a KV budget: the tokens of every block's cache at its largest
+
     @property
     def kv_bytes(self) -> int:
-        """The KV cache of one call (allocated at its start)."""
+        """The KV cache of one call (allocated at its start; under a KV budget, as large as it gets)."""
+        if self.kv_peak_tokens is not None:
+            return 2 * self.kv_peak_tokens * self.per_token_bytes
+        return self.fastvar_kv_bytes
+
+    @property
+    def fastvar_kv_bytes(self) -> int:
+        """The KV cache without the KV budget: the tokens the schedule runs."""
         return sum(r.kv_bytes for r in self.rows)
+
+    @property
+    def per_token_bytes(self) -> int:
+        return token_bytes(self.batch, self.width, self.element_size)
 
     @property
     def baseline_kv_bytes(self) -> int:
@@ -150,9 +168,11 @@ class Summary:
         rows = [2 if si < schedule.guided else 1 for si in range(len(schedule.tokens))]  # CFG rows per image
         patched = [f * r for f, r in zip(cost.schedule_flops(schedule, True), rows)]
         baseline = [2 * f for f in cost.schedule_flops(schedule, False)]
-        per_token = 2 * batch * cost.width * element_size  # one token of one block, both CFG rows (the buffer's)
+        per_token = token_bytes(batch, cost.width, element_size)
         cache, last = schedule.cache_scale, schedule.last_pruned
         held = 0 if cache is None else schedule.tokens[cache] * per_token * cost.branches * len(schedule.layers)
+        lengths = None if schedule.kv is None else [schedule.kv.lengths(schedule, layer)
+                                                    for layer in range(schedule.depth)]
         rows = tuple(
             ScaleRow(si, schedule.shapes[si], n, schedule.keep[si] if schedule.layers else None,
                      len(schedule.layers) if schedule.keep[si] is not None else 0, si >= schedule.executed,
@@ -161,10 +181,13 @@ class Summary:
                      if si < schedule.executed - 1 else 0,
                      2 * per_token * n * schedule.depth if si < len(schedule.tokens) - 1 else 0,
                      held if cache is not None and cache < si <= last else 0,
-                     si < schedule.text_scales)
+                     si < schedule.text_scales,
+                     None if lengths is None else 2 * per_token * sum(
+                         layer[si][1] for layer in lengths) if si < schedule.executed - 1 else 0)
             for si, n in enumerate(schedule.tokens)
         )
-        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops)
+        peak = None if lengths is None else sum(schedule.kv_tokens(layer) for layer in range(schedule.depth))
+        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops, cost.width, peak)
 
     def __str__(self) -> str:
         name = f" preset {self.preset!r}" if self.preset else ""
@@ -178,12 +201,15 @@ class Summary:
             lines.append(f"guidance off from scale {first.index} ({first.shape[0]}x{first.shape[1]}): the conditional "
                          f"rows only, half the FLOPs there; with guidance kept the ratio would be "
                          f"{self.flop_ratio_with_guidance:.3f}")
-        mib = 2**20
+        mib, budgeted = 2**20, self.kv_peak_tokens is not None
         lines.append(f"KV cache {self.kv_bytes / mib:.1f} MiB (unpatched {self.baseline_kv_bytes / mib:.1f} MiB), "
                      f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {plural(self.batch, 'image')} with "
                      f"guidance, {self.element_size}-byte values")
+        if budgeted:
+            lines.append(f"KV budget: the cache at its largest before a cut; {self.fastvar_kv_bytes / mib:.1f} MiB "
+                         "without the budget; 'held' is what the caches keep after each scale's cut")
         lines.append(f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
-                     f"{'KV MiB':>7}")
+                     f"{'KV MiB':>7}" + (f" {'held MiB':>9}" if budgeted else ""))
         for r in self.rows:
             if r.skipped:
                 run = "skipped"
@@ -197,8 +223,14 @@ class Summary:
                 run += ", no guidance"
             shape = f"{'text':>9}" if r.text else f"{r.shape[0]:>4}x{r.shape[1]:<4}"
             lines.append(f"{r.index:>5} {shape} {r.tokens:>7}  {run:<46} "
-                         f"{r.flops / max(r.baseline_flops, 1):>6.2f} {r.kv_bytes / mib:>7.2f}")
+                         f"{r.flops / max(r.baseline_flops, 1):>6.2f} {r.kv_bytes / mib:>7.2f}"
+                         + (f" {r.budget_kv_bytes / mib:>9.2f}" if budgeted else ""))
         return "\n".join(lines)
+
+
+def token_bytes(batch: int, width: int, element_size: int) -> int:
+    """Keys (or values) of one token in one block's cache, for every image and its guidance row."""
+    return 2 * batch * width * element_size
 
 
 def plural(count: int, noun: str) -> str:

@@ -164,13 +164,17 @@ def test_the_scalekv_10_preset_is_the_official_2b_budget(set_dir, case):
 @pytest.mark.parametrize("set_dir", reference_sets("scalekv"))
 def test_settings_the_official_code_crashes_on_are_refused_before_any_compute(set_dir):
     reference = load_reference(InfinityReference, set_dir)
-    model, _ = reference.build()
+    model, vae = reference.build()
+    calls = []
+    model.unregistered_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     for probe in reference.probes:
         case = next(c for c in reference.cases if c["name"] == probe["of_case"])
-        budget = budget_of(reference, {**case, "scalekv": probe["scalekv"]}, 32)
+        fastvar.patch(model, FastVARConfig(kv_budget=budget_of(reference, {**case, "scalekv": probe["scalekv"]}, 32)))
         failed, threshold = probe["failed"]["scale_ind"], probe["scalekv"]["max_capacity"]
         with pytest.raises(ValueError, match=rf"block 0's cache holds \d+ tokens at scale {failed}, past the "
                                              rf"threshold of {threshold}"):
-            fastvar.patch(model, FastVARConfig(kv_budget=budget))
+            model.autoregressive_infer_cfg(vae, [tuple(s) for s in case["scale_schedule"]],
+                                           reference.text_input(case["name"]), **sampling_kwargs(case))
+    assert not calls  # refused before any compute
     with pytest.raises(ValueError, match=r"keeps 15 tokens, fewer than the window of 16"):
         KVBudget({-1: (15,) * 32})

@@ -59,7 +59,7 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("family", CASES)
 def test_outputs_are_bit_identical_to_the_concatenating_cache_for_every_preset(family, monkeypatch):
     model, _, generate, _ = CASES[family]()
-    configs = [None, *find_adapter(model).presets, CUSTOM]
+    configs = [None, *fastvar.presets(model), CUSTOM]
     planned = []
     for config in configs:
         if config is not None:

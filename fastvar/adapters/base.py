@@ -23,6 +23,7 @@ class Adapter:
     presets: dict[str, FastVARConfig]
     default_preset = "default"
     text_scales = 0  # leading scales of text tokens rather than token maps (HART's scale 0)
+    schedule_per_call = False  # each sampling call brings its own schedule; scale_shapes is only the default
 
     @staticmethod
     def matches(model: nn.Module) -> bool:

@@ -147,6 +147,7 @@ class InfinityAdapter(Adapter):
     family = "infinity"
     description = "a class named Infinity with " + ", ".join(REQUIRED)
     default_preset = "paper"
+    schedule_per_call = True
     presets = {
         # The official FastVAR Infinity code, on the 13-scale (1M) schedules: prune 40% / 50% at the
         # 32x32 and 40x40 scales of the square template in blocks 3..27, cache 24x24, skip 48x48 and 64x64.
