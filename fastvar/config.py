@@ -228,11 +228,12 @@ class Schedule:
 
     def kv_tokens(self, layer: int) -> int:
         """Tokens whose keys and values block ``layer`` holds at most in its cache over one generation: those of
-        every executed scale but the last, which no later scale reads (under a KV budget, the most it holds
-        before a cut)."""
+        every executed scale but the last, which no later scale reads (under a KV budget, the most it keeps
+        between scales: a scale that is cut is attended to with the kept tokens, then cut, as the last is
+        attended to without being stored)."""
         if self.kv is None:
             return sum(self.tokens_run(si, layer) for si in range(self.executed - 1))
-        return max((attended for attended, _ in self.kv.lengths(self, layer)[:-1]), default=0)
+        return max(held for _, held in self.kv.lengths(self, layer))
 
 
 def check_ratio(ratio: float, what: str) -> float:

@@ -27,6 +27,7 @@ class FastVARState:
         self.scale: int | None = None  # the scale the sampling loop runs; None outside a sampling call
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
         self._kv_passed: set[int] = set()  # blocks whose KV cache passed the budget's threshold in this call
+        self._kv_cut: dict[int, int | None] = {}  # block -> the length its cache is cut to after this scale
 
     def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
         """Resolve the config for the scale schedule of the coming call (any size or aspect ratio), checked
@@ -100,31 +101,39 @@ class FastVARState:
         seed = zlib.crc32(f"{self.config.selection_seed}:{si}:{layer}:{name}".encode())
         return select_random(x, keep, torch.Generator(device=x.device).manual_seed(seed))
 
-    def cut_kv(self, layer: int, attention: nn.Module, x: torch.Tensor) -> None:
-        """After block ``layer``'s self-attention ran on ``x`` (its input, the scale's tokens), cut its KV cache
-        to the budget (``fastvar.kv_budget``). The window's scoring queries are the bias-free query projection
-        of its tokens (ScaleKV's), computed for those tokens only."""
+    def plan_cut(self, layer: int, attention: nn.Module, tokens: int) -> None:
+        """Before block ``layer``'s self-attention adds ``tokens`` to its KV cache: decide, by the budget, whether
+        the cache is cut after it, and if so let the cache keep what it cannot store until the cut."""
         plan, si = self.schedule.kv, self.scale
         if plan is None or si is None or si == self.schedule.executed - 1:  # no later scale reads the last one
             return
-        cache = attention.kv_cache
-        length = cache.length
-        capacity = plan.cuts(si, layer, length, layer in self._kv_passed)
+        length = attention.kv_cache.length + tokens
+        self._kv_cut[layer] = plan.cuts(si, layer, length, layer in self._kv_passed)
         if length > plan.budget.threshold:
             self._kv_passed.add(layer)
+        attention.kv_cache.cut_next = self._kv_cut[layer] is not None
+
+    def cut_kv(self, layer: int, attention: nn.Module, x: torch.Tensor) -> None:
+        """After block ``layer``'s self-attention ran on ``x`` (its input, the scale's tokens), cut its KV cache
+        as ``plan_cut`` decided (``fastvar.kv_budget``). The window's scoring queries are the bias-free query
+        projection of its tokens (ScaleKV's), computed for those tokens only."""
+        capacity = self._kv_cut.pop(layer, None)
         if capacity is None:
             return
         rows, n, C = x.shape
-        h, w = self.schedule.shapes[si]
-        local = torch.tensor(window_positions(h, w, plan.budget.window), device=x.device)
-        heads, dim = cache.k.shape[1], cache.k.shape[3]
+        keys, _ = attention.kv_cache.keys_and_values(rows)
+        h, w = self.schedule.shapes[self.scale]
+        budget = self.schedule.kv.budget
+        local = torch.tensor(window_positions(h, w, budget.window), device=x.device)
+        heads, dim = keys.shape[1], keys.shape[3]
         queries = F.linear(x[:, local], attention.mat_qkv.weight[:C]).view(rows, -1, heads, dim).transpose(1, 2)
-        keep = kept_positions(cache.k[:rows, :, :length], queries, local + (length - n), capacity,
-                              plan.budget.kernel_size, plan.budget.pooling)
-        cache.keep(keep)
+        keep = kept_positions(keys, queries, local + (keys.shape[2] - n), capacity, budget.kernel_size,
+                              budget.pooling)
+        attention.kv_cache.keep(keep)
 
     def release(self) -> None:
         """Free the cached branch outputs and forget the scale (after each generation and on unpatch)."""
         self._cache.clear()
         self._kv_passed.clear()
+        self._kv_cut.clear()
         self.scale = None

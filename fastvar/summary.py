@@ -206,8 +206,9 @@ class Summary:
                      f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {plural(self.batch, 'image')} with "
                      f"guidance, {self.element_size}-byte values")
         if budgeted:
-            lines.append(f"KV budget: the cache at its largest before a cut; {self.fastvar_kv_bytes / mib:.1f} MiB "
-                         "without the budget; 'held' is what the caches keep after each scale's cut")
+            lines.append(f"KV budget: the caches as large as they get between scales "
+                         f"({self.fastvar_kv_bytes / mib:.1f} MiB without the budget), and while a scale is cut one "
+                         "block's kept and new tokens at a time; 'held': what the caches keep after each scale")
         lines.append(f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
                      f"{'KV MiB':>7}" + (f" {'held MiB':>9}" if budgeted else ""))
         for r in self.rows:

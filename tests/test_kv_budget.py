@@ -30,7 +30,9 @@ def generate(model, vae, schedule=SCHEDULE, B=1, **kwargs):
 
 
 def record_lengths(model):
-    """Per block and call: (keys attended to, cache length after the call, buffer size)."""
+    """Per block and call: (keys attended to, cache length after the call, buffer size). A scale that is cut is
+    attended to with the kept tokens and cut, as the last is attended to without being stored: the buffer
+    holds what is kept between scales."""
     seen = {i: [] for i in range(DEPTH)}
     for i, block in enumerate(model.unregistered_blocks):
         block.sa.register_forward_pre_hook(lambda m, a, i=i: seen[i].append([m.kv_cache.length + a[0].shape[1]]))
@@ -56,7 +58,7 @@ def test_each_cache_is_cut_as_planned_in_one_buffer():
             expected.append((attended, length))
         assert [(a, n) for a, n, _ in seen[layer][:-1]] == expected
         assert seen[layer][-1][0] == length + tokens[-1]  # the last scale is attended to, not stored nor cut
-        assert {size for _, _, size in seen[layer]} == {max(a for a, _ in expected)}  # one buffer, as large as needed
+        assert {size for _, _, size in seen[layer]} == {max(n for _, n in expected)}  # one buffer, for what is kept
         assert schedule.kv.lengths(schedule, layer) == [*expected, (length + tokens[-1], length)]
 
 

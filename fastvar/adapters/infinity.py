@@ -110,6 +110,7 @@ def make_attention_class(parent: type) -> type:
         """The self-attention whose KV cache the budget cuts after each scale, once the scale attended to it."""
 
         def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+            self._fastvar.plan_cut(self._fastvar_layer, self, x.shape[1])
             out = super().forward(x, rope)
             self._fastvar.cut_kv(self._fastvar_layer, self, x)
             return out

@@ -16,8 +16,9 @@ class KVCache:
     """Keys and values (B, H, L, D) of the tokens run so far.
 
     With a ``capacity``, an ``append`` that does not fit is the last scale: it is attended to, not
-    stored, and the cache takes no more. Without one the buffers grow by reallocation. An ``append`` of
-    fewer rows than the cache holds continues its leading rows (guidance turned off: the conditional
+    stored, and the cache takes no more; unless a cut follows (``cut_next``, a KV budget's), which then
+    keeps a selection of those keys and values. Without one the buffers grow by reallocation. An ``append``
+    of fewer rows than the cache holds continues its leading rows (guidance turned off: the conditional
     rows go on without the unconditional ones).
     """
 
@@ -25,6 +26,8 @@ class KVCache:
         self.capacity, self.length, self.finished = capacity, 0, False
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.cut_next = False  # the next append is cut right after its attention: keep what did not fit for it
+        self.overflow: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reserve(self, capacity: int) -> None:
         """Plan ``capacity`` tokens; only before the first ``append``."""
@@ -37,12 +40,13 @@ class KVCache:
         if self.finished:
             raise RuntimeError(f"the KV cache was planned for {self.capacity} tokens and its last scale has run")
         rows, start, end = k.shape[0], self.length, self.length + k.shape[2]
-        if self.capacity is not None and end > self.capacity:  # the last scale
-            self.finished = True
-            if self.k is None:
-                return k, v
-            return (torch.cat((self.k[:rows, :, :start], k), dim=2),
-                    torch.cat((self.v[:rows, :, :start], v), dim=2))
+        if self.capacity is not None and end > self.capacity:  # the last scale, or one the cut brings back
+            if self.k is not None:
+                k = torch.cat((self.k[:rows, :, :start], k), dim=2)
+                v = torch.cat((self.v[:rows, :, :start], v), dim=2)
+            self.finished = not self.cut_next
+            self.overflow = None if self.finished else (k, v)
+            return k, v
         if self.k is None or end > self.k.shape[2]:
             _, H, _, D = k.shape
             size = max(end, self.capacity or 0)
@@ -55,15 +59,22 @@ class KVCache:
         self.length = end
         return k_rows[:, :, :end], v_rows[:, :, :end]
 
+    def keys_and_values(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the last append attended to: the stored tokens, or those that did not fit for a cut."""
+        if self.overflow is not None:
+            return self.overflow
+        return self.k[:rows, :, : self.length], self.v[:rows, :, : self.length]
+
     def keep(self, positions: torch.Tensor) -> None:
-        """Keep only the stored tokens at ``positions`` (rows, H, n), per row and head, in that order (a KV
-        budget's cut); the next scale is written after them."""
+        """Keep only the tokens the last append attended to at ``positions`` (rows, H, n), per row and head,
+        in that order (a KV budget's cut); the next scale is written after them."""
         rows, _, n = positions.shape
         index = positions.unsqueeze(-1)
-        for buffer in (self.k, self.v):
-            kept = buffer[:rows, :, : self.length].gather(2, index.expand(-1, -1, -1, buffer.shape[3]))
-            buffer[:rows, :, :n] = kept
-        self.length = n
+        kept = [t.gather(2, index.expand(-1, -1, -1, t.shape[3])) for t in self.keys_and_values(rows)]
+        if self.k is None:
+            self.k, self.v = (t.new_empty(rows, t.shape[1], self.capacity, t.shape[3]) for t in kept)
+        self.k[:rows, :, :n], self.v[:rows, :, :n] = kept
+        self.length, self.overflow, self.cut_next = n, None, False
 
     @property
     def nbytes(self) -> int:
