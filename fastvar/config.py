@@ -137,9 +137,6 @@ class FastVARConfig:
                             layers=layers, depth=depth, text_scales=text_scales, guided=guided)
         if self.kv_budget is None:
             return schedule
-        if pruned:
-            raise ValueError("a KV budget does not compose with pruning yet: use kv_budget with skipping and "
-                             "guidance-off, or prune without it")
         return dataclasses.replace(schedule, kv=self._kv_budget(depth).plan(schedule, check=not per_call))
 
     def _kv_budget(self, depth: int) -> KVBudget:

@@ -116,7 +116,8 @@ class FastVARState:
     def cut_kv(self, layer: int, attention: nn.Module, x: torch.Tensor) -> None:
         """After block ``layer``'s self-attention ran on ``x`` (its input, the scale's tokens), cut its KV cache
         as ``plan_cut`` decided (``fastvar.kv_budget``). The window's scoring queries are the bias-free query
-        projection of its tokens (ScaleKV's), computed for those tokens only."""
+        projection of its tokens (ScaleKV's), computed for those tokens only. Where FastVAR pruned the scale,
+        only the kept tokens are in the cache, the most pivotal first: they are the window."""
         capacity = self._kv_cut.pop(layer, None)
         if capacity is None:
             return
@@ -124,7 +125,10 @@ class FastVARState:
         keys, _ = attention.kv_cache.keys_and_values(rows)
         h, w = self.schedule.shapes[self.scale]
         budget = self.schedule.kv.budget
-        local = torch.tensor(window_positions(h, w, budget.window), device=x.device)
+        if n < h * w:  # a pruned scale: the most pivotal kept tokens, first in the cache, are the window
+            local = torch.arange(min(budget.window, n), device=x.device)
+        else:
+            local = torch.tensor(window_positions(h, w, budget.window), device=x.device)
         heads, dim = keys.shape[1], keys.shape[3]
         queries = F.linear(x[:, local], attention.mat_qkv.weight[:C]).view(rows, -1, heads, dim).transpose(1, 2)
         keep = kept_positions(keys, queries, local + (keys.shape[2] - n), capacity, budget.kernel_size,

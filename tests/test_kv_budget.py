@@ -179,10 +179,44 @@ def test_packaged_budgets_are_the_official_files():
     assert "scalekv-10" not in fastvar.presets(tiny_infinity(depth=DEPTH)[0])  # what bench and compare run
 
 
-def test_composing_with_pruning_and_upstream_objects_are_refused_for_now():
+def test_with_pruning_only_kept_tokens_enter_the_cache_and_the_most_pivotal_are_the_window(monkeypatch):
+    model, vae = tiny_infinity(depth=DEPTH)
+    fastvar.patch(model, FastVARConfig(prune={-3: 0.4, -2: 0.5}, layers=[1, 3], kv_budget=BUDGET))
+    windows, cut, kept = {}, fastvar.state.FastVARState.cut_kv, fastvar.state.kept_positions
+
+    def record_cut(state, layer, attention, x):
+        record_cut.layer = layer
+        cut(state, layer, attention, x)
+
+    def record_kept(keys, queries, window, *args):
+        windows[model._fastvar.scale, record_cut.layer] = (keys.shape[2], window.tolist())
+        return kept(keys, queries, window, *args)
+
+    monkeypatch.setattr(fastvar.state.FastVARState, "cut_kv", record_cut)
+    monkeypatch.setattr(fastvar.state, "kept_positions", record_kept)
+    seen = record_lengths(model)
+    generate(model, vae)
+    schedule = model._fastvar.schedule
+    for layer in range(DEPTH):
+        assert [(a, n) for a, n, _ in seen[layer][:-1]] == schedule.kv.lengths(schedule, layer)[:-1]
+    assert {si for si, _ in windows} == {6, 7, 8}  # cut from the first budgeted scale, the last not
+    for (si, layer), (length, window) in windows.items():
+        run = schedule.tokens_run(si, layer)
+        h, w = SCHEDULE[si][1:]
+        if run < h * w:  # pruned here: only the kept tokens are cached, the most pivotal first
+            assert window == [length - run + i for i in range(16)] and layer in (1, 3) and si in (7, 8)
+        else:
+            assert window == [length - h * w + p for p in window_positions(h, w, 16)]
+
+
+def test_budgets_need_fastvars_infinity_and_a_budget():
+    import upstream_infinity
+
     model, _ = tiny_infinity(depth=DEPTH)
-    with pytest.raises(ValueError, match="a KV budget does not compose with pruning yet"):
-        fastvar.patch(model, "paper", kv_budget=BUDGET)
+    upstream = upstream_infinity.Infinity(model)
+    with pytest.raises(ValueError, match="KV budgets need fastvar's Infinity"):
+        fastvar.patch(upstream, FastVARConfig(kv_budget=BUDGET))
+    assert not fastvar.is_patched(upstream) and type(upstream.unregistered_blocks[0]).__name__ == "CrossAttnBlock"
     with pytest.raises(ValueError, match=r"kv_budget = 'nothing': give a KVBudget, a packaged budget"):
         FastVARConfig(kv_budget="nothing")
 
