@@ -26,6 +26,7 @@ cases=(  # name | family and its options
   "infinity-2b-1024-b1|infinity --model 2b --size 1024x1024 --batch 1"
   "infinity-2b-1024-b4|infinity --model 2b --size 1024x1024 --batch 4"
   "infinity-2b-1344-b1|infinity --model 2b --aspect-ratio 1.0 --pixels extended --batch 1"
+  "infinity-8b-1024-b8|infinity --model 8b --size 1024x1024 --batch 8 --preset scalekv-10 --preset paper-scalekv-10 --preset paper"
   "hart-0.7b-1024-b1|hart --batch 1"
 )
 if [[ "${FASTVAR_BENCH_SMOKE:-0}" == 1 ]]; then  # tiny stand-ins of the same architectures, on the CPU

@@ -12,19 +12,42 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib import resources
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastvar import InfinityPipeline, VARPipeline
+from fastvar import FastVARConfig, InfinityPipeline, VARPipeline
+from fastvar.adapters.infinity import InfinityAdapter
+from fastvar.kv_budget import PACKAGED, KVBudget
 
-CASES = {  # name: (pipeline factory, call arguments, presets)
-    "var-d16-256": (lambda: VARPipeline.random(16), dict(class_ids=[207]), ["default"]),
+
+def first_blocks_budget(depth: int, of: int) -> FastVARConfig:
+    """The official 10% budget of the model of ``of`` blocks, its first ``depth`` blocks: the budget of a model
+    cut to ``depth`` blocks for measuring (its drafters are among the first)."""
+    path = resources.files("fastvar") / "budgets" / PACKAGED["scalekv-10"][of]
+    return FastVARConfig(kv_budget=KVBudget.from_file(path, blocks=depth))
+
+
+def budget_variants(depth: int, of: int) -> dict[str, FastVARConfig | str]:
+    budget = first_blocks_budget(depth, of)
+    return {"scalekv-10": budget, "paper": "paper",
+            "paper + scalekv-10": InfinityAdapter.presets["paper"].replace(kv_budget=budget.kv_budget)}
+
+
+PROMPT = "a red fox in the snow"
+CASES = {  # name: (pipeline factory, call arguments, variants: preset names or configs by name)
+    "var-d16-256": (lambda: VARPipeline.random(16), dict(class_ids=[207]), {"default": "default"}),
     "infinity-2b-4blocks-1024": (lambda: InfinityPipeline.random("infinity-2b", depth=4),
-                                 dict(prompt=["a red fox in the snow"], size=(1024, 1024)), ["paper", "prune-only"]),
+                                 dict(prompt=[PROMPT], size=(1024, 1024)), {"paper": "paper",
+                                                                           "prune-only": "prune-only"}),
     "infinity-2b-4blocks-1344": (lambda: InfinityPipeline.random("infinity-2b", depth=4),
-                                 dict(prompt=["a red fox in the snow"], aspect_ratio=1.0, pixels="extended"),
-                                 ["paper", "prune-only"]),
+                                 dict(prompt=[PROMPT], aspect_ratio=1.0, pixels="extended"),
+                                 {"paper": "paper", "prune-only": "prune-only"}),
+    "infinity-2b-4blocks-1024-budgets": (lambda: InfinityPipeline.random("infinity-2b", depth=4),
+                                         dict(prompt=[PROMPT], size=(1024, 1024)), budget_variants(4, 32)),
+    "infinity-8b-4blocks-1024-budgets": (lambda: InfinityPipeline.random("infinity-8b", depth=4),
+                                         dict(prompt=[PROMPT], size=(1024, 1024)), budget_variants(4, 40)),
 }
 
 
@@ -45,9 +68,11 @@ def stub_decoder(decoder: torch.nn.Module) -> None:
     decoder.forward = lambda z: z.new_zeros(z.shape[0], 3, 16 * z.shape[-2], 16 * z.shape[-1])
 
 
-def measure(name: str, decoder: bool) -> dict[str, int]:
-    """Peak bytes of each variant of case ``name`` (and of the decoder alone, with ``decoder``)."""
-    factory, call, presets = CASES[name]
+def measure(name: str, decoder: bool, batch: int) -> dict[str, int]:
+    """Peak bytes of each variant of case ``name`` for ``batch`` images (and of the decoder alone, with
+    ``decoder``)."""
+    factory, call, variants = CASES[name]
+    call = {k: v * batch if k in ("prompt", "class_ids") else v for k, v in call.items()}
     pipe = factory()
     row = {}
     if decoder:
@@ -57,9 +82,8 @@ def measure(name: str, decoder: bool) -> dict[str, int]:
         with torch.no_grad():
             row["decoder alone"] = peak_bytes(lambda: pipe.vae.decoder(captured["z"]))
     stub_decoder(pipe.vae.decoder)
-    for preset in [None, *presets]:
-        row[preset or "unpatched"] = peak_bytes(lambda preset=preset: pipe(**call, seed=0, preset=preset,
-                                                                           progress=False))
+    for label, preset in {"unpatched": None, **variants}.items():
+        row[label] = peak_bytes(lambda preset=preset: pipe(**call, seed=0, preset=preset, progress=False))
     return row
 
 
@@ -67,11 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default: all)")
     parser.add_argument("--decoder", action="store_true", help="also measure the image decoder alone")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
     parser.add_argument("--json", help="write the results there too")
     args = parser.parse_args()
     results = {}
     for name in args.case or CASES:
-        results[name] = row = measure(name, args.decoder)
+        results[name] = row = measure(name, args.decoder, args.batch)
         print(name, " ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in row.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:

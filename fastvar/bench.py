@@ -8,6 +8,7 @@ block (one call per scale) and on the image decoder.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,20 +27,25 @@ from fastvar.pipelines.base import Pipeline
 @dataclass(frozen=True)
 class VariantResult:
     name: str
-    totals: tuple[float, ...]  # seconds of each repeat of the whole call
+    totals: tuple[float, ...]  # seconds of each repeat of the whole call; none if it ran out of memory
     per_scale: tuple[float, ...]  # seconds per scale (0 when skipped), median
     decode: float  # seconds, median
-    peak_memory: int | None  # bytes, CUDA only
+    peak_memory: int | None  # bytes, CUDA only (out of memory: the most allocated before it failed)
     flop_ratio: float  # ideal, against the unpatched model
     scales: tuple[str, ...]  # every scale of the schedule run: 'h x w', or 'text'
+    images: int = 1  # per call
+
+    @property
+    def out_of_memory(self) -> bool:
+        return not self.totals
 
     @property
     def total_min(self) -> float:
-        return min(self.totals)
+        return min(self.totals, default=math.nan)
 
     @property
     def total_median(self) -> float:
-        return statistics.median(self.totals)
+        return statistics.median(self.totals) if self.totals else math.nan
 
 
 class StepClock:
@@ -74,7 +80,9 @@ def benchmark(
     warmup: int = 1, report: Callable[[str], None] | None = None,
 ) -> list[VariantResult]:
     """Time ``pipe(**inputs)`` unpatched ("baseline") and under each variant (a preset name or config);
-    ``report`` gets one line per run. The pipeline's model is left unpatched."""
+    ``report`` gets one line per run. A variant that runs out of CUDA memory is reported so and not run again
+    (a KV budget may let a batch fit that the unpatched model cannot). The pipeline's model is left
+    unpatched."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     named = {"baseline": None, **{v if isinstance(v, str) else f"config{i}": v for i, v in enumerate(variants)}}
@@ -83,13 +91,25 @@ def benchmark(
     ratios, scales = {"baseline": 1.0}, {}
     device = pipe.device
     clock = StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
-    rounds = warmup + repeats
+    rounds, failed = warmup + repeats, set()
     try:
         for i in range(rounds):
             for name, variant in named.items():
+                if name in failed:
+                    continue
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sample, _ = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant, progress=False))
+                try:
+                    sample, _ = clock.run(lambda variant=variant: pipe(**inputs, seed=0, preset=variant,
+                                                                      progress=False))
+                except torch.cuda.OutOfMemoryError:
+                    failed.add(name)
+                    if device.type == "cuda":
+                        peaks[name] = torch.cuda.max_memory_allocated(device)
+                        torch.cuda.empty_cache()
+                    if report is not None:
+                        report(f"{name}: out of memory; not run again")
+                    continue
                 if variant is not None:  # after the run: the schedule is the one the call used
                     summary = fastvar.summary(pipe.transformer)
                     ratios[name] = summary.flop_ratio
@@ -105,18 +125,20 @@ def benchmark(
         clock.close()
         if fastvar.is_patched(pipe.transformer):
             fastvar.unpatch(pipe.transformer)
-    num_scales = len(samples["baseline"][0][1])
+    num_scales = max((len(s[1]) for runs in samples.values() for s in runs), default=0)
     schedule = next(iter(scales.values()), ())
+    images = len(inputs[pipe.batch_argument])
     return [
         VariantResult(
             name,
             tuple(s[0] for s in samples[name]),
-            tuple(statistics.median((s[1] + [0.0] * num_scales)[si] for s in samples[name])
+            tuple(statistics.median((s[1] + [0.0] * num_scales)[si] for s in samples[name]) if samples[name] else 0.0
                   for si in range(num_scales)),
-            statistics.median(s[2] for s in samples[name]),
+            statistics.median(s[2] for s in samples[name]) if samples[name] else 0.0,
             peaks[name],
-            ratios[name],
+            ratios.get(name, math.nan),
             scales.get(name, schedule),
+            images,
         )
         for name in named
     ]
@@ -131,19 +153,26 @@ def format_results(results: list[VariantResult], title: str) -> str:
     lines = [title, head]
     for si in range(len(base.per_scale)):
         scale = base.scales[si] if si < len(base.scales) else ""
-        cells = "".join(f"{r.per_scale[si] * 1e3:>{width}.1f}" if r.per_scale[si] else f"{'skipped':>{width}}"
-                        for r in results)
+        cells = "".join(f"{'OOM':>{width}}" if r.out_of_memory else f"{r.per_scale[si] * 1e3:>{width}.1f}"
+                        if r.per_scale[si] else f"{'skipped':>{width}}" for r in results)
         lines.append(f"{si:>5} {scale:>9} {cells}")
+
+    def row(value: Callable[[VariantResult], float], fmt: str, unit: str = "") -> list[str]:
+        """One cell per variant; 'OOM' where it, or the baseline it is compared to, ran out of memory."""
+        return ["OOM" if math.isnan(value(r)) else f"{value(r):{fmt}}{unit}" for r in results]
+
     rows = [
-        ("scales ms", [f"{sum(r.per_scale) * 1e3:.1f}" for r in results]),
-        ("scales speedup", [f"{sum(base.per_scale) / sum(r.per_scale):.2f}x" for r in results]),
-        ("decode ms", [f"{r.decode * 1e3:.1f}" for r in results]),
-        ("total min ms", [f"{r.total_min * 1e3:.1f}" for r in results]),
-        ("total median ms", [f"{r.total_median * 1e3:.1f}" for r in results]),
-        ("speedup (min)", [f"{base.total_min / r.total_min:.2f}x" for r in results]),
-        ("speedup (median)", [f"{base.total_median / r.total_median:.2f}x" for r in results]),
-        ("FLOP ratio", [f"{r.flop_ratio:.3f}" for r in results]),
-        ("time ratio (min)", [f"{r.total_min / base.total_min:.3f}" for r in results]),
+        ("scales ms", row(lambda r: sum(r.per_scale) * 1e3 if r.totals else math.nan, ".1f")),
+        ("scales speedup", row(lambda r: sum(base.per_scale) / sum(r.per_scale) if r.totals and base.totals
+                               else math.nan, ".2f", "x")),
+        ("decode ms", row(lambda r: r.decode * 1e3 if r.totals else math.nan, ".1f")),
+        ("total min ms", row(lambda r: r.total_min * 1e3, ".1f")),
+        ("total median ms", row(lambda r: r.total_median * 1e3, ".1f")),
+        ("speedup (min)", row(lambda r: base.total_min / r.total_min, ".2f", "x")),
+        ("speedup (median)", row(lambda r: base.total_median / r.total_median, ".2f", "x")),
+        ("images/s (min)", row(lambda r: r.images / r.total_min, ".3f")),
+        ("FLOP ratio", row(lambda r: r.flop_ratio, ".3f")),
+        ("time ratio (min)", row(lambda r: r.total_min / base.total_min, ".3f")),
     ]
     if base.peak_memory is not None:
         rows.append(("peak GiB", [f"{r.peak_memory / 2**30:.2f}" for r in results]))
@@ -159,10 +188,15 @@ def results_json(results: list[VariantResult], **about: object) -> dict[str, obj
     machine, model, dtype ...)."""
     base = results[0]
     variants = []
+    def finite(value: float) -> float | None:  # JSON has no NaN: a variant or the baseline out of memory is null
+        return None if math.isnan(value) else value
+
     for r in results:
         variants.append(dict(
-            name=r.name, total_min_s=r.total_min, total_median_s=r.total_median, totals_s=list(r.totals),
-            scales_s=sum(r.per_scale), per_scale_s=list(r.per_scale), decode_s=r.decode,
-            peak_memory_bytes=r.peak_memory, speedup_min=base.total_min / r.total_min,
-            speedup_median=base.total_median / r.total_median, flop_ratio=r.flop_ratio, scales=list(r.scales)))
+            name=r.name, out_of_memory=r.out_of_memory, total_min_s=finite(r.total_min),
+            total_median_s=finite(r.total_median), totals_s=list(r.totals), scales_s=sum(r.per_scale),
+            per_scale_s=list(r.per_scale), decode_s=r.decode, peak_memory_bytes=r.peak_memory,
+            speedup_min=finite(base.total_min / r.total_min), speedup_median=finite(base.total_median / r.total_median),
+            images_per_second=finite(r.images / r.total_min), flop_ratio=finite(r.flop_ratio),
+            scales=list(r.scales)))
     return {**about, "variants": variants}

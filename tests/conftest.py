@@ -314,7 +314,8 @@ def tiny_var_pair(depth: int = 16, patch_nums=None) -> tuple[VQVAE, VAR]:
 
 
 def tiny_infinity_build(name: str = "infinity-2b", depth: int | None = None) -> tuple[Infinity, BSQVAE]:
-    return tiny_infinity(depth=depth or 4)
+    """4 blocks; the 8B's 40, which its KV budget is made for."""
+    return tiny_infinity(depth=depth or (40 if name == "infinity-8b" else 4))
 
 
 def tiny_hart_build(depth: int | None = None) -> tuple[HART, HARTTokenizer]:

@@ -49,3 +49,38 @@ def test_bench_writes_json(tmp_path, tiny_official, capsys):
     base, default = data["variants"][:2]
     assert base["speedup_min"] == 1.0 and default["speedup_min"] == base["total_min_s"] / default["total_min_s"]
     assert default["flop_ratio"] < 1 and default["peak_memory_bytes"] is None
+
+
+def test_a_variant_out_of_memory_is_reported_and_the_others_timed(monkeypatch):
+    """A KV budget may fit a batch the unpatched model cannot: the baseline's OOM does not end the benchmark."""
+    import json
+    import math
+
+    import torch
+
+    from fastvar.bench import results_json
+
+    pipe = VARPipeline(tiny_var(patch_nums=PATCH_NUMS))
+    call = VARPipeline.__call__
+    runs = []
+
+    def unpatched_runs_out_of_memory(self, *args, preset=None, **kwargs):
+        runs.append(preset)
+        if preset is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return call(self, *args, preset=preset, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", unpatched_runs_out_of_memory)
+    lines = []
+    results = benchmark(pipe, dict(class_ids=[0, 1]), ["default"], repeats=2, warmup=1, report=lines.append)
+    assert runs == [None, "default", "default", "default"] and lines[0] == "baseline: out of memory; not run again"
+    base, default = results
+    assert base.out_of_memory and math.isnan(base.total_min) and not default.out_of_memory
+    assert default.images == 2 and len(default.totals) == 2
+    table = format_results(results, "t")
+    speedup = next(line for line in table.splitlines() if line.strip().startswith("speedup (min)")).split()
+    images = next(line for line in table.splitlines() if line.strip().startswith("images/s")).split()
+    assert speedup[2:] == ["OOM", "OOM"] and images[2] == "OOM" and float(images[3]) == round(2 / default.total_min, 3)
+    data = json.loads(json.dumps(results_json(results)))  # JSON without NaN
+    assert data["variants"][0]["out_of_memory"] and data["variants"][0]["speedup_min"] is None
+    assert data["variants"][1]["images_per_second"] == 2 / default.total_min

@@ -162,6 +162,9 @@ class InfinityAdapter(Adapter):
                                              guidance_off_from=-3),
         # The official ScaleKV budget (10% of the cache) of the model's depth: Infinity-2B's or -8B's file.
         "scalekv-10": FastVARConfig(kv_budget="scalekv-10"),
+        # Not official: the paper's schedule with that budget on its KV cache.
+        "paper-scalekv-10": FastVARConfig(prune={-4: 0.4, -3: 0.5}, skip_last=2, layers=official_layers,
+                                          kv_budget="scalekv-10"),
         "none": FastVARConfig(),
     }
 
