@@ -127,6 +127,9 @@ class KVBudget:
             if not -K <= position < K:
                 raise ValueError(f"KV budget {self.name or ''}: scale position {position} does not exist; this "
                                  f"schedule has {K} scales (positions 0..{K - 1} or -{K}..-1)")
+            if position % K < schedule.text_scales:
+                raise ValueError(f"KV budget {self.name or ''}: scale position {position} is the text stage, not a "
+                                 f"token map to window; budget scales {schedule.text_scales}..{K - 1}")
             if len(counts) != depth:
                 raise ValueError(f"KV budget {self.name or ''}: scale position {position} has {len(counts)} block "
                                  f"capacities; the model has {depth} blocks")

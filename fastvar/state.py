@@ -13,6 +13,7 @@ from torch import nn
 
 from fastvar.config import FastVARConfig, Schedule
 from fastvar.kv_budget import kept_positions, window_positions
+from fastvar.models.kv_cache import KVCache
 from fastvar.pruning import gather_tokens, restore, restore_zeros, select_pivotal, select_random
 
 Branch = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (tokens, their indices or None)
@@ -101,28 +102,29 @@ class FastVARState:
         seed = zlib.crc32(f"{self.config.selection_seed}:{si}:{layer}:{name}".encode())
         return select_random(x, keep, torch.Generator(device=x.device).manual_seed(seed))
 
-    def plan_cut(self, layer: int, attention: nn.Module, tokens: int) -> None:
+    def plan_cut(self, layer: int, cache: KVCache | None, tokens: int) -> None:
         """Before block ``layer``'s self-attention adds ``tokens`` to its KV cache: decide, by the budget, whether
         the cache is cut after it, and if so let the cache keep what it cannot store until the cut."""
         plan, si = self.schedule.kv, self.scale
-        if plan is None or si is None or si == self.schedule.executed - 1:  # no later scale reads the last one
+        if plan is None or cache is None or si is None or si == self.schedule.executed - 1:  # none reads the last
             return
-        length = attention.kv_cache.length + tokens
+        length = cache.length + tokens
         self._kv_cut[layer] = plan.cuts(si, layer, length, layer in self._kv_passed)
         if length > plan.budget.threshold:
             self._kv_passed.add(layer)
-        attention.kv_cache.cut_next = self._kv_cut[layer] is not None
+        cache.cut_next = self._kv_cut[layer] is not None
 
-    def cut_kv(self, layer: int, attention: nn.Module, x: torch.Tensor) -> None:
+    def cut_kv(self, layer: int, cache: KVCache | None, x: torch.Tensor, projection: torch.Tensor) -> None:
         """After block ``layer``'s self-attention ran on ``x`` (its input, the scale's tokens), cut its KV cache
         as ``plan_cut`` decided (``fastvar.kv_budget``). The window's scoring queries are the bias-free query
-        projection of its tokens (ScaleKV's), computed for those tokens only. Where FastVAR pruned the scale,
+        projection (the first third of the attention's ``projection`` weight) of its tokens (ScaleKV's),
+        computed for those tokens only. Where FastVAR pruned the scale,
         only the kept tokens are in the cache, the most pivotal first: they are the window."""
         capacity = self._kv_cut.pop(layer, None)
         if capacity is None:
             return
         rows, n, C = x.shape
-        keys, _ = attention.kv_cache.keys_and_values(rows)
+        keys, _ = cache.keys_and_values(rows)
         h, w = self.schedule.shapes[self.scale]
         budget = self.schedule.kv.budget
         if n < h * w:  # a pruned scale: the most pivotal kept tokens, first in the cache, are the window
@@ -130,10 +132,10 @@ class FastVARState:
         else:
             local = torch.tensor(window_positions(h, w, budget.window), device=x.device)
         heads, dim = keys.shape[1], keys.shape[3]
-        queries = F.linear(x[:, local], attention.mat_qkv.weight[:C]).view(rows, -1, heads, dim).transpose(1, 2)
+        queries = F.linear(x[:, local], projection[:C]).view(rows, -1, heads, dim).transpose(1, 2)
         keep = kept_positions(keys, queries, local + (keys.shape[2] - n), capacity, budget.kernel_size,
                               budget.pooling)
-        attention.kv_cache.keep(keep)
+        cache.keep(keep)
 
     def release(self) -> None:
         """Free the cached branch outputs and forget the scale (after each generation and on unpatch)."""

@@ -235,8 +235,8 @@ def test_help_lists_the_presets_and_reads_as_text(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "infinity", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("FastVAR preset, one of paper, prune-only, skip-only, paper-unguided-last, scalekv-10, none "
-            "(default: paper)") in text
+    assert ("FastVAR preset, one of paper, prune-only, skip-only, paper-unguided-last, scalekv-10, "
+            "paper-scalekv-10, none (default: paper)") in text
     cli.main([])
     assert "``" not in capsys.readouterr().out
 

@@ -184,9 +184,9 @@ def test_with_pruning_only_kept_tokens_enter_the_cache_and_the_most_pivotal_are_
     fastvar.patch(model, FastVARConfig(prune={-3: 0.4, -2: 0.5}, layers=[1, 3], kv_budget=BUDGET))
     windows, cut, kept = {}, fastvar.state.FastVARState.cut_kv, fastvar.state.kept_positions
 
-    def record_cut(state, layer, attention, x):
+    def record_cut(state, layer, *args):
         record_cut.layer = layer
-        cut(state, layer, attention, x)
+        cut(state, layer, *args)
 
     def record_kept(keys, queries, window, *args):
         windows[model._fastvar.scale, record_cut.layer] = (keys.shape[2], window.tolist())
@@ -214,7 +214,7 @@ def test_budgets_need_fastvars_infinity_and_a_budget():
 
     model, _ = tiny_infinity(depth=DEPTH)
     upstream = upstream_infinity.Infinity(model)
-    with pytest.raises(ValueError, match="KV budgets need fastvar's Infinity"):
+    with pytest.raises(ValueError, match=r"KV budgets need fastvar's own model \(fastvar.models.infinity\)"):
         fastvar.patch(upstream, FastVARConfig(kv_budget=BUDGET))
     assert not fastvar.is_patched(upstream) and type(upstream.unregistered_blocks[0]).__name__ == "CrossAttnBlock"
     with pytest.raises(ValueError, match=r"kv_budget = 'nothing': give a KVBudget, a packaged budget"):
@@ -238,3 +238,37 @@ def test_budgets_change_nothing_before_the_first_cut_and_unpatch_restores_the_at
     fastvar.unpatch(model)
     assert type(model.unregistered_blocks[0].sa) is attention_class
     assert all(torch.equal(a, b) for a, b in zip(full, logits()))
+
+
+def record_cache_lengths(attentions):
+    seen = {i: [] for i in range(len(attentions))}
+    for i, attention in enumerate(attentions):
+        attention.register_forward_pre_hook(lambda m, a, i=i: seen[i].append([m.kv_cache.length + a[0].shape[1]]))
+        attention.register_forward_hook(lambda m, a, out, i=i: seen[i][-1].append(m.kv_cache.length))
+    return seen
+
+
+def test_var_and_hart_take_budgets_of_their_own():
+    from conftest import hart_text, tiny_hart, tiny_var
+
+    var = tiny_var(depth=3, patch_nums=(1, 2, 3, 4, 6, 8))  # 130 tokens
+    fastvar.patch(var, FastVARConfig(kv_budget=KVBudget({-3: (40, 16, 30), -2: (50, 16, 30)}, threshold=20)))
+    seen = record_cache_lengths([b.attn for b in var.blocks])
+    torch.manual_seed(0)
+    var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2]), g_seed=0, cfg=2.0)
+    schedule = var._fastvar.schedule
+    for layer in range(3):
+        assert [tuple(x) for x in seen[layer][:-1]] == schedule.kv.lengths(schedule, layer)[:-1]
+    assert [n for _, n in seen[1][:-1]] == [1, 5, 14, 16, 16]
+
+    hart = tiny_hart(context_token=16)  # the text stage: 16 tokens, as many as the 4x4 map
+    fastvar.patch(hart, FastVARConfig(kv_budget=KVBudget({-4: (40, 30), -3: (50, 40), -2: (60, 50)}, threshold=70)))
+    seen = record_cache_lengths([b.attn for b in hart.blocks])
+    torch.manual_seed(0)
+    hart.autoregressive_infer_cfg(**hart_text([3, 16], tokens=16), g_seed=0, cfg=2.0)
+    schedule = hart._fastvar.schedule
+    for layer in range(2):
+        assert [tuple(x) for x in seen[layer][:-1]] == schedule.kv.lengths(schedule, layer)[:-1]
+    assert seen[0][:4] == [[16, 16], [20, 20], [29, 29], [45, 45]]  # the text first, never cut as a map
+    with pytest.raises(ValueError, match=r"scale position 0 is the text stage, not a token map to window"):
+        fastvar.patch(hart, FastVARConfig(kv_budget=KVBudget({0: (16, 16)})))

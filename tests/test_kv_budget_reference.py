@@ -76,9 +76,9 @@ class Recorder:
                 (model._fastvar.scale, layer), m.kv_cache.length))
         cut, kept = state_module.FastVARState.cut_kv, state_module.kept_positions
 
-        def record_cut(state, layer, attention, x):
+        def record_cut(state, layer, *args):
             self.layer = layer
-            cut(state, layer, attention, x)
+            cut(state, layer, *args)
 
         def record_kept(keys, queries, window, capacity, kernel_size, pooling):
             positions = kept(keys, queries, window, capacity, kernel_size, pooling)

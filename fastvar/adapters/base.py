@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from fastvar.config import FastVARConfig
@@ -66,9 +67,29 @@ class Adapter:
     @staticmethod
     def attention(block: nn.Module) -> nn.Module:
         """The self-attention module of a block, whose KV cache a budget cuts."""
-        raise ValueError("KV budgets are implemented for Infinity so far")
+        return block.attn
 
     @staticmethod
     def attention_class(parent: type) -> type:
-        """A subclass of the self-attention class that cuts its KV cache to the budget after each scale."""
+        """A subclass of the self-attention class that cuts its KV cache to the budget after each scale
+        (``budgeted_attention``)."""
         raise NotImplementedError
+
+
+def budgeted_attention(parent: type, own: type, projection: str) -> type:
+    """A subclass of ``parent``, one of fastvar's self-attention classes (``own``), that cuts its KV cache to the
+    budget after each scale, once the scale attended to it. ``projection``: its q, k, v projection, whose
+    first third makes the queries that score the cache."""
+    if not issubclass(parent, own):
+        raise ValueError(f"KV budgets need fastvar's own model ({own.__module__}), whose KV cache they cut in place; "
+                         "the upstream object's attention keeps its own")
+
+    class FastVARSelfAttention(parent):
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            state, layer = self._fastvar, self._fastvar_layer
+            state.plan_cut(layer, self.kv_cache, x.shape[1])
+            out = super().forward(x, *args, **kwargs)
+            state.cut_kv(layer, self.kv_cache, x, getattr(self, projection).weight)
+            return out
+
+    return FastVARSelfAttention

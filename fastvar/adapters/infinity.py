@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from torch import nn
 
-from fastvar.adapters.base import Adapter, has_class_named
+from fastvar.adapters.base import Adapter, budgeted_attention, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, SelfAttention, ada_layer_norm
 from fastvar.models.kv_cache import reserve_kv
@@ -101,23 +102,6 @@ def make_any_block_class(parent: type) -> type:
     return (make_upstream_block_class if upstream else make_block_class)(parent)
 
 
-def make_attention_class(parent: type) -> type:
-    if not issubclass(parent, SelfAttention):
-        raise ValueError("KV budgets need fastvar's Infinity (fastvar.models.infinity), whose KV cache they cut in "
-                         "place; the upstream object's attention keeps its own")
-
-    class FastVARSelfAttention(parent):
-        """The self-attention whose KV cache the budget cuts after each scale, once the scale attended to it."""
-
-        def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-            self._fastvar.plan_cut(self._fastvar_layer, self, x.shape[1])
-            out = super().forward(x, rope)
-            self._fastvar.cut_kv(self._fastvar_layer, self, x)
-            return out
-
-    return FastVARSelfAttention
-
-
 def make_root_class(parent: type) -> type:
     class FastVARInfinity(parent):
         @torch.no_grad()
@@ -201,4 +185,4 @@ class InfinityAdapter(Adapter):
 
     block_class = staticmethod(make_any_block_class)
     root_class = staticmethod(make_root_class)
-    attention_class = staticmethod(make_attention_class)
+    attention_class = staticmethod(functools.partial(budgeted_attention, own=SelfAttention, projection="mat_qkv"))
