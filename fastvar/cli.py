@@ -26,6 +26,7 @@ from PIL import Image
 import fastvar
 from fastvar import run_folder, sampler
 from fastvar.bench import benchmark, format_results, results_json
+from fastvar.calibrate import calibrate
 from fastvar.config import FastVARConfig
 from fastvar.dtypes import DTYPES, dtype_name, resolve_dtype
 from fastvar.hub import WeightsUnavailableError
@@ -378,6 +379,31 @@ def compare_command(args: argparse.Namespace) -> None:
           f"{', '.join(variants)}) in {out}", file=sys.stderr)
 
 
+def calibrate_command(args: argparse.Namespace) -> None:
+    family = PIPELINES[args.family]
+    if not 0 < args.fraction < 1:
+        raise UserError(f"--fraction {args.fraction}: the share of the KV cache to keep, in (0, 1)")
+    inputs = [i.input for i in read_items(args, family)]
+    options = family.call_arguments(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    check_images(family, inputs, options, seeds)
+    check_model_options(args, family, args.random_weights, options, {})
+    out = check_output_file(args.out, f"--out {args.out}")
+    resolve_device(args.device)
+    pipe = load_pipeline(family, args, random=args.random_weights)
+    budget = calibrate(pipe, inputs, args.fraction, seeds, **options)
+    for position, counts in sorted(budget.capacities.items()):
+        drafters = [str(b) for b, c in enumerate(counts) if c == max(counts) and c != min(counts)]
+        print(f"scale {position}: drafters {', '.join(drafters) or 'none'} keep {max(counts)} tokens, the other "
+              f"blocks {min(counts)}", file=sys.stderr)
+    try:
+        budget.to_file(out)
+    except OSError as err:
+        rescue(str(out), err, lambda folder: budget.to_file(folder / out.name))
+    print(f"wrote {out} (threshold {budget.threshold}): fastvar.patch(model, kv_budget={str(out)!r})",
+          file=sys.stderr)
+
+
 def seed_list(text: str) -> str:
     if not all(part.strip().lstrip("-").isdigit() for part in text.split(",")):
         raise argparse.ArgumentTypeError(f"give seeds as ints separated by commas, got {text!r}")
@@ -466,11 +492,21 @@ def add_compare(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -
     p.set_defaults(func=compare_command)
 
 
+def add_calibrate(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
+    add_item_options(p, family, per_item=False)
+    p.add_argument("--fraction", type=float, default=0.1, help="share of the KV cache the budget keeps")
+    p.add_argument("--seeds", type=seed_list, default="0", help="seeds, comma-separated: one call each")
+    p.add_argument("--out", required=True, help="the budget file to write (the official ScaleKV format)")
+    p.set_defaults(func=calibrate_command)
+
+
 COMMANDS = {  # name: (help, what adds its options)
     "generate": ("generate images", add_generate),
     "bench": ("time FastVAR against the unpatched model", add_bench),
     "sample": ("generate an evaluation set: many images, resumable, sharded under torchrun", add_sample),
     "compare": ("what presets change against the unpatched model: speed, tokens, PSNR / SSIM, a grid", add_compare),
+    "calibrate": ("a KV budget for the model: its drafter and refiner blocks, measured on a few inputs",
+                  add_calibrate),
 }
 
 

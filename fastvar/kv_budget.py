@@ -34,6 +34,7 @@ PACKAGED = {"scalekv-10": {32: "scalekv_2b_10.json", 40: "scalekv_8b_10.json"}}
 # (ScaleKV's loader and look-up), i.e. position k - 15 from the end; "Scale 13" also serves the last scale.
 OFFICIAL_SCALES = 13
 OFFICIAL_OFFSET = 2
+SETTINGS_KEY = "fastvar"  # the other fields, in files fastvar writes (ScaleKV's loader reads only "Scale k")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class KVBudget:
             raise ValueError(f"KV budget file {path}: expected {{'Scale k': {{'Block b': 0 or 1, 'Max': ..., "
                              "'Min': ...}}}}")
         capacities = {}
+        settings = {**scales.pop(SETTINGS_KEY, {}), **settings}  # what to_file adds, which ScaleKV does not read
         for key, entry in scales.items():
             k = int(key.removeprefix("Scale ")) if key.startswith("Scale ") and key[6:].isdigit() else None
             if k is None or not OFFICIAL_OFFSET <= k <= OFFICIAL_SCALES or not isinstance(entry, dict):
@@ -106,6 +108,28 @@ class KVBudget:
             if k == OFFICIAL_SCALES:  # the official look-up clamps the last scale to this one
                 capacities[-1] = counts
         return cls(capacities, name=settings.pop("name", path.stem), **settings)
+
+    def to_file(self, path: str | Path) -> None:
+        """Write the budget in the official format, which ScaleKV's loader reads too: per scale position from
+        -13 to -2 ("Scale k", k = position + 15), its largest count for the blocks that keep it ("Block b": 1,
+        "Max") and its other count for the rest ("Min"); the last scale is read as -2's (ScaleKV's look-up).
+        The other fields go under "fastvar", which ``from_file`` reads back."""
+        scales = {}
+        for position, counts in sorted(self.capacities.items()):
+            if position == -1:
+                continue
+            k = position + OFFICIAL_OFFSET + OFFICIAL_SCALES
+            values = sorted(set(counts))
+            if not OFFICIAL_OFFSET <= k <= OFFICIAL_SCALES or len(values) > 2:
+                raise ValueError(f"scale position {position} cannot be written in the official format, which has "
+                                 "positions -13..-2 with at most two counts each (drafters' and refiners')")
+            high, low = values[-1], values[0]
+            drafters = [int(c == high and high != low) for c in counts]
+            scales[f"Scale {k}"] = {**{f"Block {b}": d for b, d in enumerate(drafters)}, "High": sum(drafters),
+                                    "Max": high, "Min": low, "Limit": high}
+        settings = dict(window=self.window, threshold=self.threshold, kernel_size=self.kernel_size,
+                        pooling=self.pooling)
+        Path(path).write_text(json.dumps({**scales, SETTINGS_KEY: settings}, indent=2))
 
     @classmethod
     def packaged(cls, name: str, depth: int) -> KVBudget:

@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_var_pair, write_hub_cache, write_official_files
 
 from fastvar import cli
+from fastvar.kv_budget import KVBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -90,6 +91,7 @@ def test_command_lines_pass_every_check_before_loading(argv, tmp_path, monkeypat
     (tmp_path / "evaluation_metadata.jsonl").write_text('{"prompt": "a photo of a bench", "tag": "single_object"}\n')
     for name in ("mjhq.txt", "prompts.txt"):
         (tmp_path / name).write_text("a red fox in the snow\n")
+    KVBudget.packaged("scalekv-10", 32).to_file(tmp_path / "budget.json")
     if "cuda" in argv:  # the GPU lines, on any machine
         monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
 

@@ -25,6 +25,8 @@ class Adapter:
     default_preset = "default"
     text_scales = 0  # leading scales of text tokens rather than token maps (HART's scale 0)
     schedule_per_call = False  # each sampling call brings its own schedule; scale_shapes is only the default
+    attention_module: type  # fastvar's self-attention class of the family, whose KV cache a budget cuts
+    query_projection = "mat_qkv"  # its q, k, v projection: the first third makes the queries
 
     @staticmethod
     def matches(model: nn.Module) -> bool:
@@ -69,11 +71,10 @@ class Adapter:
         """The self-attention module of a block, whose KV cache a budget cuts."""
         return block.attn
 
-    @staticmethod
-    def attention_class(parent: type) -> type:
-        """A subclass of the self-attention class that cuts its KV cache to the budget after each scale
-        (``budgeted_attention``)."""
-        raise NotImplementedError
+    @classmethod
+    def attention_class(cls, parent: type) -> type:
+        """A subclass of the self-attention class that cuts its KV cache to the budget after each scale."""
+        return budgeted_attention(parent, cls.attention_module, cls.query_projection)
 
 
 def budgeted_attention(parent: type, own: type, projection: str) -> type:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from fastvar.adapters.base import Adapter, budgeted_attention, has_class_named
+from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.hart import SelfAttention, generate
 from fastvar.models.kv_cache import reserve_kv
@@ -107,4 +105,5 @@ class HartAdapter(Adapter):
 
     block_class = staticmethod(make_block_class)
     root_class = staticmethod(make_root_class)
-    attention_class = staticmethod(functools.partial(budgeted_attention, own=SelfAttention, projection="qkv_proj"))
+    attention_module = SelfAttention
+    query_projection = "qkv_proj"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 from torch import nn
 
-from fastvar.adapters.base import Adapter, budgeted_attention, has_class_named
+from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.infinity import TEMPLATE_SCALES, Infinity, SelfAttention, ada_layer_norm
 from fastvar.models.kv_cache import reserve_kv
@@ -185,4 +184,4 @@ class InfinityAdapter(Adapter):
 
     block_class = staticmethod(make_any_block_class)
     root_class = staticmethod(make_root_class)
-    attention_class = staticmethod(functools.partial(budgeted_attention, own=SelfAttention, projection="mat_qkv"))
+    attention_module = SelfAttention

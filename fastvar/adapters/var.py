@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from fastvar.adapters.base import Adapter, budgeted_attention, has_class_named
+from fastvar.adapters.base import Adapter, has_class_named
 from fastvar.config import FastVARConfig
 from fastvar.models.kv_cache import reserve_kv
 from fastvar.models.var import VAR, SelfAttention, generate
@@ -97,4 +95,4 @@ class VarAdapter(Adapter):
 
     block_class = staticmethod(make_block_class)
     root_class = staticmethod(make_root_class)
-    attention_class = staticmethod(functools.partial(budgeted_attention, own=SelfAttention, projection="mat_qkv"))
+    attention_module = SelfAttention
