@@ -80,19 +80,19 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     patched = [(block, adapter.block_class) for block in blocks]
     if config.kv_budget is not None:  # the attention modules whose caches the budget cuts
         patched += [(adapter.attention(block), adapter.attention_class) for block in blocks]
-    for module, make in patched:
-        _patched_class(type(module)._fastvar_parent if is_patched_module(module) else type(module), make)
+    for module, make in patched:  # every class made (or refused) before the model is touched
+        _patched_class(type(module)._fastvar_parent if _is_patched_module(module) else type(module), make)
     _remove(model)
     state = FastVARState(adapter.family, preset, config, schedule)
     model._fastvar = state
     _swap(model, adapter.root_class)
-    for index, (module, make) in enumerate(patched):
+    for index, (module, make) in enumerate(patched):  # blocks, then their attention modules
         module._fastvar, module._fastvar_layer = state, index % len(blocks)
         _swap(module, make)
     return model
 
 
-def is_patched_module(module: nn.Module) -> bool:
+def _is_patched_module(module: nn.Module) -> bool:
     return "_fastvar_parent" in type(module).__dict__
 
 
@@ -101,7 +101,7 @@ def _remove(model: nn.Module) -> bool:
         return False
     model._fastvar.release()
     for module in model.modules():
-        if is_patched_module(module):
+        if _is_patched_module(module):
             module.__class__ = type(module)._fastvar_parent
         for name in ("_fastvar", "_fastvar_layer"):
             module.__dict__.pop(name, None)
