@@ -272,3 +272,21 @@ def test_var_and_hart_take_budgets_of_their_own():
     assert seen[0][:4] == [[16, 16], [20, 20], [29, 29], [45, 45]]  # the text first, never cut as a map
     with pytest.raises(ValueError, match=r"scale position 0 is the text stage, not a token map to window"):
         fastvar.patch(hart, FastVARConfig(kv_budget=KVBudget({0: (16, 16)})))
+
+
+def test_budgets_in_bfloat16_and_in_compare(tiny_official):
+    """The official inference precision (blocks in bfloat16 under autocast), and compare takes a budget like
+    a preset."""
+    from fastvar import InfinityPipeline
+
+    pipe = InfinityPipeline.random(depth=DEPTH, dtype="bf16")
+    budget = FastVARConfig(kv_budget=KVBudget({-2: (200, 40, 40, 120), -1: (200, 40, 40, 120)}, threshold=200))
+    seen = record_lengths(pipe.transformer)
+    images = pipe("a red fox", size=(256, 256), preset=budget, progress=False)
+    schedule = pipe.transformer._fastvar.schedule
+    assert images[0].size == (256, 256) and len(schedule.shapes) == 7
+    for layer in range(DEPTH):
+        assert [(a, n) for a, n, _ in seen[layer][:-1]] == schedule.kv.lengths(schedule, layer)[:-1]
+    assert [n for _, n, _ in seen[1][:-1]][-1] == 40  # cut at the 12x12 scale, in bfloat16
+    report = fastvar.compare(pipe, ["a red fox"], {"budget": budget}, size=(256, 256))
+    assert [r.name for r in report.reports] == ["unpatched", "budget"] and report.reports[1].flop_ratio < 1

@@ -163,15 +163,23 @@ def test_the_scalekv_10_preset_is_the_official_2b_budget(set_dir, case):
 
 @pytest.mark.parametrize("set_dir", reference_sets("scalekv"))
 def test_settings_the_official_code_crashes_on_are_refused_before_any_compute(set_dir):
+    """The probes: calls the official code failed on. A cache passing the threshold at a scale without a budget
+    (its TypeError) is refused before the call's first block; a budget below the window (its
+    UnboundLocalError) when the budget is made."""
     reference = load_reference(InfinityReference, set_dir)
     model, vae = reference.build()
     calls = []
     model.unregistered_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     for probe in reference.probes:
         case = next(c for c in reference.cases if c["name"] == probe["of_case"])
-        fastvar.patch(model, FastVARConfig(kv_budget=budget_of(reference, {**case, "scalekv": probe["scalekv"]}, 32)))
+        settings = {**case, "scalekv": probe["scalekv"], "budget": probe.get("budget", case["budget"])}
+        if "UnboundLocalError" in probe["failed"]["error"]:
+            with pytest.raises(ValueError, match=r"fewer than the window of \d+ that every cut keeps"):
+                budget_of(reference, settings, 32)
+            continue
+        fastvar.patch(model, FastVARConfig(kv_budget=budget_of(reference, settings, 32)))
         failed, threshold = probe["failed"]["scale_ind"], probe["scalekv"]["max_capacity"]
-        with pytest.raises(ValueError, match=rf"block 0's cache holds \d+ tokens at scale {failed}, past the "
+        with pytest.raises(ValueError, match=rf"block \d+'s cache holds \d+ tokens at scale {failed}, past the "
                                              rf"threshold of {threshold}"):
             model.autoregressive_infer_cfg(vae, [tuple(s) for s in case["scale_schedule"]],
                                            reference.text_input(case["name"]), **sampling_kwargs(case))
