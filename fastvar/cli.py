@@ -394,14 +394,15 @@ def calibrate_command(args: argparse.Namespace) -> None:
     budget = calibrate(pipe, inputs, args.fraction, seeds, **options)
     for position, counts in sorted(budget.capacities.items()):
         drafters = [str(b) for b, c in enumerate(counts) if c == max(counts) and c != min(counts)]
-        print(f"scale {position}: drafters {', '.join(drafters) or 'none'} keep {max(counts)} tokens, the other "
-              f"blocks {min(counts)}", file=sys.stderr)
+        kept = (f"drafters {', '.join(drafters)} keep {max(counts)} tokens, the other blocks {min(counts)}"
+                if drafters else f"no drafters, every block keeps {min(counts)} tokens")
+        print(f"scale {position}: {kept}", file=sys.stderr)
     try:
         budget.to_file(out)
     except OSError as err:
         rescue(str(out), err, lambda folder: budget.to_file(folder / out.name))
-    print(f"wrote {out} (threshold {budget.threshold}): fastvar.patch(model, kv_budget={str(out)!r})",
-          file=sys.stderr)
+    print(f"wrote {out} (threshold {budget.threshold}): a FastVARConfig's kv_budget, e.g. "
+          f"fastvar.patch(model, 'none', kv_budget={str(out)!r})", file=sys.stderr)
 
 
 def seed_list(text: str) -> str:
