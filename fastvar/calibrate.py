@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import fastvar
 from fastvar.adapters import find_adapter
 from fastvar.config import FastVARConfig
-from fastvar.kv_budget import KVBudget, window_positions
+from fastvar.kv_budget import KVBudget, window_positions, window_queries
 from fastvar.pipelines.base import Pipeline
 
 
@@ -44,10 +43,9 @@ def attention_spread(pipe: Pipeline, inputs: Sequence[Any], seeds: Sequence[int]
         keys, _ = cache.keys_and_values(x.shape[0])
         h, w = state.schedule.shapes[si]
         local = torch.tensor(window_positions(h, w, window), device=x.device)
-        heads, dim = keys.shape[1], keys.shape[3]
-        weight = getattr(attention, adapter.query_projection).weight[: x.shape[2]]
-        queries = F.linear(x[:, local].float(), weight.float()).view(x.shape[0], -1, heads, dim).transpose(1, 2)
-        attention_weights = (queries @ keys.float().transpose(2, 3) / math.sqrt(dim)).softmax(dim=-1)
+        weight = getattr(attention, adapter.query_projection).weight
+        queries = window_queries(x.float(), local, weight.float(), keys.shape[1])
+        attention_weights = (queries @ keys.float().transpose(2, 3) / math.sqrt(keys.shape[3])).softmax(dim=-1)
         earlier = attention_weights[..., : keys.shape[2] - x.shape[1]].sum(dim=-1).mean().item()
         sums.setdefault((si, layer), []).append(earlier)
 

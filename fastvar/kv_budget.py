@@ -211,6 +211,14 @@ def window_positions(h: int, w: int, window: int) -> list[int]:
     return sorted({r * w + c for r in rows for c in cols})
 
 
+def window_queries(x: torch.Tensor, local: torch.Tensor, projection: torch.Tensor, heads: int) -> torch.Tensor:
+    """The scoring queries (rows, heads, n, D) of the tokens ``local`` of an attention input ``x`` (rows, L, C):
+    the bias-free query projection, the first third of the attention's q, k, v ``projection`` weight (ScaleKV
+    projects every token and keeps these rows; a row of a matmul does not depend on the others)."""
+    rows, _, C = x.shape
+    return F.linear(x[:, local], projection[:C]).view(rows, len(local), heads, C // heads).transpose(1, 2)
+
+
 def kept_positions(keys: torch.Tensor, window_queries: torch.Tensor, window: torch.Tensor, capacity: int,
                    kernel_size: int, pooling: str) -> torch.Tensor:
     """Positions (rows, H, capacity) of the cached keys (rows, H, L, D) to keep, ascending: the ``window``

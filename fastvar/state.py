@@ -8,11 +8,10 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastvar.config import FastVARConfig, Schedule
-from fastvar.kv_budget import kept_positions, window_positions
+from fastvar.kv_budget import kept_positions, window_positions, window_queries
 from fastvar.models.kv_cache import KVCache
 from fastvar.pruning import gather_tokens, restore, restore_zeros, select_pivotal, select_random
 
@@ -123,7 +122,7 @@ class FastVARState:
         capacity = self._kv_cut.pop(layer, None)
         if capacity is None:
             return
-        rows, n, C = x.shape
+        rows, n, _ = x.shape
         keys, _ = cache.keys_and_values(rows)
         h, w = self.schedule.shapes[self.scale]
         budget = self.schedule.kv.budget
@@ -131,8 +130,7 @@ class FastVARState:
             local = torch.arange(min(budget.window, n), device=x.device)
         else:
             local = torch.tensor(window_positions(h, w, budget.window), device=x.device)
-        heads, dim = keys.shape[1], keys.shape[3]
-        queries = F.linear(x[:, local], projection[:C]).view(rows, -1, heads, dim).transpose(1, 2)
+        queries = window_queries(x, local, projection, keys.shape[1])
         keep = kept_positions(keys, queries, local + (keys.shape[2] - n), capacity, budget.kernel_size,
                               budget.pooling)
         cache.keep(keep)
