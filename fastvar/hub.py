@@ -254,6 +254,9 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+ALIGNMENT = 64  # bytes; what torch's allocator gives, so loaded weights compute as freshly built ones
+
+
 def load_checkpoint(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
                     device: str | torch.device | None = None, progress: bool = False) -> None:
     """Load strictly into ``module``, built for real or by ``parameters_on_meta``.
@@ -278,7 +281,10 @@ def load_checkpoint(module: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     for key in tqdm(sorted(state_dict), desc=f"loading {type(module).__name__}", disable=not progress, leave=False):
         target = own[key]
         where = device if device is not None else ("cpu" if target.is_meta else target.device)
-        converted[key] = state_dict[key].to(device=where, dtype=target.dtype)
+        tensor = state_dict[key].to(device=where, dtype=target.dtype)
+        if tensor.data_ptr() % ALIGNMENT:  # views into a safetensors buffer: BLAS kernels round by alignment
+            tensor = tensor.clone()
+        converted[key] = tensor
     module.load_state_dict(converted, strict=False, assign=True)
     if device is not None:
         module.to(device)  # the buffers that were built rather than loaded

@@ -18,7 +18,9 @@ from fastvar.hub import load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE
 from fastvar.models.hart import HART, HARTTokenizer
 from fastvar.models.infinity import Infinity
+from fastvar.models.infinitystar import Checkpoint, InfinityStar
 from fastvar.models.var import VAR, VQVAE
+from fastvar.models.video_vae import VideoVAE, VideoVAEConfig
 from fastvar.pruning import token_scores
 
 REFERENCE_ENV = "FASTVAR_REFERENCE"
@@ -140,6 +142,78 @@ class InfinityReference:
         t = self.text
         return (t[f"{name}.kv_compact"], t[f"{name}.lens"].tolist(), t[f"{name}.cu_seqlens_k"],
                 int(t[f"{name}.max_seqlen_k"]))
+
+
+# The architecture choices fastvar implements, as upstream's namespace spells them (all of video_vae_model()'s).
+FIXED_CHOICES = dict(norm_type="rms", act_fn="silu", up_block_mode="dc", up_layer="3d-dc", up_norm=True,
+                     pad_mode="constant", use_post_quant_conv=False, use_feat_proj=2, decoder_dtype="fp32")
+
+# The namespace fields each config field is read from.
+NAMESPACE_SOURCES = dict(latent_channels="latent_channels", out_channels="out_channels",
+                         block_out_channels="block_out_channels", layers_per_block="layers_per_block",
+                         spatial_upsamplings="spatial_compression_list",
+                         temporal_upsamplings="temporal_compression_list")
+
+
+def config_from_namespace(ns: dict) -> VideoVAEConfig:
+    """The decoder config of the argparse namespace upstream built ``AutoencoderKLCogVideoX`` from."""
+    assert {k: ns[k] for k in FIXED_CHOICES} == FIXED_CHOICES
+    assert set(ns["spatial_compression_list"]) == set(ns["temporal_compression_list"]) == {2}
+    assert len(ns["up_block_types"]) == len(ns["block_out_channels"]) - 1
+    return VideoVAEConfig(
+        latent_channels=ns["latent_channels"], out_channels=ns["out_channels"],
+        block_out_channels=tuple(ns["block_out_channels"]), layers_per_block=ns["layers_per_block"],
+        spatial_upsamplings=len(ns["spatial_compression_list"]),
+        temporal_upsamplings=len(ns["temporal_compression_list"]))
+
+
+class InfinityStarReference:
+    """One ``infinitystar`` set: the transformer's and the VAE's configuration, weights, texts, cases, outputs."""
+
+    def __init__(self, set_dir: Path):
+        self.dir = set_dir
+        config = json.loads((set_dir / "config.json").read_text())
+        self.args, self.transformer_config, self.vae_config = config["args"], config["transformer"], config["vae"]
+        self.config = config_from_namespace(self.vae_config["namespace"])
+        self.cases, _ = read_cases(set_dir)
+        self.vae_state = load_file(set_dir / "vae.safetensors")
+        self.state = load_file(set_dir / "infinitystar.safetensors")
+        self.text = load_file(set_dir / "text.safetensors")
+        self.outputs = load_file(set_dir / "outputs.safetensors")
+
+    @functools.cached_property
+    def model(self) -> InfinityStar:
+        sizes, kwargs = self.transformer_config["size_overrides"], self.transformer_config["kwargs"]
+        model = InfinityStar(
+            text_channels=kwargs["text_channels"], text_maxlen=kwargs["text_maxlen"], embed_dim=sizes["embed_dim"],
+            depth=sizes["depth"], num_heads=sizes["num_heads"], num_key_value_heads=sizes["num_key_value_heads"],
+            mlp_ratio=sizes["mlp_ratio"], block_chunks=sizes["block_chunks"],
+            codebook_dim=self.transformer_config["d_vae"],
+            semantic_scale_dim=self.vae_config["namespace"]["semantic_scale_dim"])
+        load_checkpoint(model, self.state)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        args = self.args
+        return Checkpoint(args["semantic_scales"], tuple(json.loads(args["image_scale_repetition"])),
+                          tuple(json.loads(args["video_scale_repetition"])))
+
+    def texts(self, name: str) -> tuple[tuple, tuple | None]:
+        """The packed prompt (kv_compact, lens, cu_seqlens_k, max_seqlen_k) of a case, and its negative."""
+        t = self.text
+
+        def packed(prefix: str) -> tuple:
+            return (t[f"{prefix}kv_compact"], t[f"{prefix}lens"].tolist(), t[f"{prefix}cu_seqlens_k"],
+                    int(t[f"{prefix}max_seqlen_k"]))
+        negative = f"{name}.negative_kv_compact" in t
+        return packed(f"{name}."), (packed(f"{name}.negative_") if negative else None)
+
+    @functools.cached_property
+    def vae(self) -> VideoVAE:
+        vae = VideoVAE(self.config)
+        load_checkpoint(vae, self.vae_state)
+        return vae.eval().requires_grad_(False)
 
 
 def tiny_var(depth: int = 2, patch_nums=(1, 2, 3, 4, 6), shared_aln: bool = False, seed: int = 0) -> VAR:
