@@ -175,7 +175,7 @@ def check_model_options(args: argparse.Namespace, family: type[Pipeline], random
         config = family.adapter.presets[variant] if isinstance(variant, str) else variant
         try:
             if config is not None:
-                config.resolve(shapes, depth, family.adapter.text_scales)
+                config.resolve(shapes, depth, family.adapter.text_scales, **family.adapter.layout(shapes))
         except ValueError as err:
             raise UserError(f"{name} does not fit this model ({depth} blocks, {len(shapes)} scales): {err}") from None
 

@@ -7,6 +7,7 @@ config serves every resolution and aspect ratio.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ class FastVARConfig:
     kv_budget: a KV budget (ScaleKV, ``fastvar.kv_budget``): after each scale a block's KV cache is cut to
         the budget's tokens. A ``KVBudget``, the name of a packaged one (``"scalekv-10"``: the official 10%
         budget of the model's depth), or the path of a file in the official format; None: no budget.
+    repetitions: scale position -> at most this many runs of that scale, for models that run a scale
+        several times (InfinityStar); fewer runs than the model's change the output. Empty: as the model.
+
+    In a model whose schedule is made of clips (InfinityStar's video: an image clip, then video clips over
+    the same list of (h, w)), ``prune``, ``cache_scale`` and ``repetitions`` name positions within a clip and
+    apply to every clip; ``skip_last`` and ``guidance_off_from`` count over the whole call.
 
     Ablations, to see what each half of the method contributes on a model (the defaults are FastVAR's):
     selection: ``"pivotal"`` keeps the tokens farthest from the map's mean; ``"random"`` keeps tokens drawn
@@ -55,6 +62,7 @@ class FastVARConfig:
     selection: str = "pivotal"
     restoration: str = "cache"
     selection_seed: int = 0
+    repetitions: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.prune, Mapping):
@@ -84,6 +92,9 @@ class FastVARConfig:
                 raise ValueError(f"{name} = {value!r}: accepted are {list(accepted)}")
         if not isinstance(self.selection_seed, int) or isinstance(self.selection_seed, bool):
             raise ValueError(f"selection_seed must be an int, got {self.selection_seed!r}")
+        if not isinstance(self.repetitions, Mapping) or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.repetitions.values()):
+            raise ValueError(f"repetitions = {self.repetitions!r}: give {{scale position: runs (an int >= 1)}}")
         budget = self.kv_budget
         if not (budget is None or isinstance(budget, KVBudget | Path) or budget in PACKAGED
                 or (isinstance(budget, str) and Path(budget).is_file())):
@@ -98,21 +109,28 @@ class FastVARConfig:
             raise TypeError(f"unknown FastVARConfig field(s) {unknown}; accepted: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
-    def resolve(self, shapes: Sequence[tuple[int, int]], depth: int, text_scales: int = 0,
-                per_call: bool = False) -> Schedule:
-        """The per-scale plan for a model with these scale shapes (h, w) and ``depth`` blocks. The first
-        ``text_scales`` scales hold text tokens (HART's scale 0), not token maps: they are never pruned
-        nor cached. ``per_call``: the shapes are only the model's default, each call resolving its own
-        (Infinity's): a KV budget is then not checked against the caches of these shapes.
+    def resolve(self, shapes: Sequence[tuple[int, ...]], depth: int, text_scales: int = 0,
+                per_call: bool = False, clip_scales: int | None = None,
+                repetitions: Sequence[int] | None = None,
+                references: Sequence[Sequence[int]] | None = None) -> Schedule:
+        """The per-scale plan for a model with these scale shapes ((h, w), or (t, h, w) maps) and ``depth``
+        blocks. The first ``text_scales`` scales hold text tokens (HART's scale 0), not token maps: they are
+        never pruned nor cached. ``per_call``: the shapes are only the model's default, each call resolving
+        its own (Infinity's): a KV budget is then not checked against the caches of these shapes.
+        ``clip_scales``: scales per clip (default: one clip); ``repetitions``: the model's runs per scale
+        (default: one each); ``references``: the earlier scales each scale attends to (default: all).
 
         Raises ``ValueError`` for scales or layers the model does not have and contradictory settings.
         """
         K = len(shapes)
-        tokens = tuple(h * w for h, w in shapes)
+        C = K if clip_scales is None else clip_scales
+        if C < 1 or K % C:
+            raise ValueError(f"clip_scales={clip_scales} does not divide the {K} scales into clips")
+        tokens = tuple(math.prod(shape) for shape in shapes)
         if self.skip_last >= K:
             raise ValueError(f"skip_last={self.skip_last} leaves no scale to run; the model has {K} scales")
         executed = K - self.skip_last
-        ratios = self._ratios(K)
+        ratios = self._ratios(C) * (K // C)
         pruned = [si for si, r in enumerate(ratios) if r > 0]
         for si in pruned:
             if si >= executed:
@@ -123,7 +141,7 @@ class FastVARConfig:
                              f"prune scales {text_scales}..{K - 1}")
         keep = tuple(kept_count(n, r) if r > 0 else None for n, r in zip(tokens, ratios))
         layers = frozenset(self._layers(depth)) if pruned else frozenset()
-        cache_scale = self._cache_scale(K, pruned) if self.restoration == "cache" else None
+        cache_scale = self._cache_scale(C, [si for si in pruned if si < C]) if self.restoration == "cache" else None
         if cache_scale is not None and cache_scale < text_scales:
             raise ValueError(f"the cache scale (index {cache_scale}) would be the text stage, whose tokens are not a "
                              f"token map to resize; cache a token map (cache_scale index {text_scales} or later)")
@@ -133,8 +151,17 @@ class FastVARConfig:
             if guided >= executed:
                 raise ValueError(f"guidance_off_from={self.guidance_off_from} (index {guided}) is a skipped scale "
                                  f"(skip_last={self.skip_last}); turn guidance off at an executed scale")
-        schedule = Schedule(shapes=tuple(shapes), keep=keep, executed=executed, cache_scale=cache_scale,
-                            layers=layers, depth=depth, text_scales=text_scales, guided=guided)
+        model_runs = tuple(repetitions) if repetitions is not None else (1,) * K
+        if len(model_runs) != K:
+            raise ValueError(f"repetitions: {len(model_runs)} given for {K} scales")
+        caps = [None] * C
+        for position, n in self.repetitions.items():
+            caps[scale_index(position, C, "repetitions")] = n
+        runs = tuple(n if caps[si % C] is None else min(n, caps[si % C]) for si, n in enumerate(model_runs))
+        schedule = Schedule(shapes=tuple(tuple(s) for s in shapes), keep=keep, executed=executed,
+                            cache_scale=cache_scale, layers=layers, depth=depth, text_scales=text_scales,
+                            guided=guided, clip_scales=C, repetitions=runs, model_repetitions=model_runs,
+                            references=None if references is None else tuple(tuple(r) for r in references))
         if self.kv_budget is None:
             return schedule
         return dataclasses.replace(schedule, kv=self._kv_budget(depth).plan(schedule, check=not per_call))
@@ -188,28 +215,54 @@ class FastVARConfig:
 class Schedule:
     """A config resolved against one scale schedule: what every scale and block does."""
 
-    shapes: tuple[tuple[int, int], ...]
+    shapes: tuple[tuple[int, ...], ...]  # (h, w), or (t, h, w)
     keep: tuple[int | None, ...]  # tokens run in pruning layers at each scale; None: all of them
     executed: int  # the first `executed` scales run; the rest are skipped
-    cache_scale: int | None
+    cache_scale: int | None  # the cache scale of the first clip (the same position in every clip)
     layers: frozenset[int]  # the blocks that prune
     depth: int
     text_scales: int = 0  # leading scales of text tokens rather than token maps
     guided: int | None = None  # scales before this one run both CFG halves, the rest the conditional rows only
     kv: KVPlan | None = None  # the KV budget on this schedule
+    clip_scales: int | None = None  # scales per clip (None: one clip)
+    repetitions: tuple[int, ...] | None = None  # runs per scale (None: one each)
+    model_repetitions: tuple[int, ...] | None = None  # the runs of the unpatched model
+    references: tuple[tuple[int, ...], ...] | None = None  # earlier scales each attends to (None: every one)
 
     def __post_init__(self):
-        if self.guided is None:
-            object.__setattr__(self, "guided", len(self.shapes))
+        K = len(self.shapes)
+        defaults = dict(guided=K, clip_scales=K, repetitions=(1,) * K)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.model_repetitions is None:
+            object.__setattr__(self, "model_repetitions", self.repetitions)
 
     @property
     def tokens(self) -> tuple[int, ...]:
-        return tuple(h * w for h, w in self.shapes)
+        return tuple(math.prod(shape) for shape in self.shapes)
 
     @property
     def is_identity(self) -> bool:
         """Whether the model runs exactly as unpatched."""
-        return self.executed == len(self.shapes) and not self.layers and self.guided == len(self.shapes)
+        return (self.executed == len(self.shapes) and not self.layers and self.guided == len(self.shapes)
+                and self.repetitions == self.model_repetitions)
+
+    def cache_of(self, si: int) -> int | None:
+        """The scale whose branch outputs fill the pruned slots of scale ``si`` (None: ``si`` is not pruned):
+        the cache scale of its clip."""
+        if self.keep[si] is None or self.cache_scale is None:
+            return None
+        return si - si % self.clip_scales + self.cache_scale
+
+    @property
+    def cached_scales(self) -> frozenset[int]:
+        """The scales whose branch outputs are kept for later ones."""
+        return frozenset(c for si in range(self.executed) if (c := self.cache_of(si)) is not None)
+
+    def last_reader(self, cache: int) -> int:
+        """The last executed scale whose pruned slots the cache scale ``cache`` fills."""
+        return max(si for si in range(self.executed) if self.cache_of(si) == cache)
 
     def tokens_run(self, si: int, layer: int) -> int:
         """Tokens block ``layer`` processes at scale ``si`` (0 when the scale is skipped)."""

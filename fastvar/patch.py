@@ -75,8 +75,9 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     adapter = find_adapter(model)
     preset, config = _config_of(adapter, config, overrides)
     blocks = adapter.blocks(model)
-    schedule = config.resolve(adapter.scale_shapes(model), len(blocks), adapter.text_scales,
-                              adapter.schedule_per_call)
+    shapes = adapter.scale_shapes(model)
+    schedule = config.resolve(shapes, len(blocks), adapter.text_scales, adapter.schedule_per_call,
+                              **adapter.layout(shapes))
     patched = [(block, adapter.block_class) for block in blocks]
     if config.kv_budget is not None:  # the attention modules whose caches the budget cuts
         patched += [(adapter.attention(block), adapter.attention_class) for block in blocks]
@@ -121,12 +122,12 @@ def presets(model: nn.Module) -> dict[str, FastVARConfig]:
     adapter = find_adapter(model)
     depth = len(adapter.blocks(model))
     return {name: config for name, config in adapter.presets.items()
-            if fits(config, adapter.scale_shapes(model), depth, adapter.text_scales)}
+            if fits(config, adapter, adapter.scale_shapes(model), depth)}
 
 
-def fits(config: FastVARConfig, shapes: list[tuple[int, int]], depth: int, text_scales: int) -> bool:
+def fits(config: FastVARConfig, adapter: type[Adapter], shapes: list[tuple[int, ...]], depth: int) -> bool:
     try:
-        config.resolve(shapes, depth, text_scales)
+        config.resolve(shapes, depth, adapter.text_scales, **adapter.layout(shapes))
     except ValueError:
         return False
     return True

@@ -1,9 +1,11 @@
 """The FastVAR tensor operations: score tokens, keep the pivotal ones, restore the full map.
 
-Token maps are (B, L, C) with L = h * w tokens in raster order.
+Token maps are (B, L, C) with L = h * w (or t * h * w) tokens in raster order.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +39,17 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def restore(
-    cached: torch.Tensor, cached_hw: tuple[int, int], fresh: torch.Tensor, idx: torch.Tensor, hw: tuple[int, int]
+    cached: torch.Tensor, cached_shape: tuple[int, ...], fresh: torch.Tensor, idx: torch.Tensor,
+    shape: tuple[int, ...],
 ) -> torch.Tensor:
-    """The full (B, h*w, C) branch output: the cached map area-resized to ``hw``, with the freshly
-    computed tokens ``fresh`` (B, k, C) written at their positions ``idx`` (B, k)."""
+    """The full (B, L, C) branch output of a map of ``shape`` ((h, w) or (t, h, w), L tokens in raster order):
+    the cached map area-resized to ``shape``, with the freshly computed tokens ``fresh`` (B, k, C) written at
+    their positions ``idx`` (B, k)."""
     B, _, C = cached.shape
-    grid = cached.reshape(B, *cached_hw, C).permute(0, 3, 1, 2)
-    resized = F.interpolate(grid, size=hw, mode="area").permute(0, 2, 3, 1).reshape(B, hw[0] * hw[1], C)
-    return resized.scatter(1, idx.unsqueeze(-1).expand(-1, -1, C), fresh)
+    if tuple(cached_shape) != tuple(shape):
+        grid = cached.reshape(B, *cached_shape, C).movedim(-1, 1)
+        cached = F.interpolate(grid, size=shape, mode="area").movedim(1, -1).reshape(B, math.prod(shape), C)
+    return cached.scatter(1, idx.unsqueeze(-1).expand(-1, -1, C), fresh)
 
 
 def restore_zeros(fresh: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:

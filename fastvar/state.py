@@ -25,14 +25,17 @@ class FastVARState:
         self.family, self.preset, self.config = family, preset, config
         self.schedule = schedule
         self.scale: int | None = None  # the scale the sampling loop runs; None outside a sampling call
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, tuple[int, int]]] = {}
+        self.repetition = 0  # which run of that scale (InfinityStar runs a scale several times)
+        # (block, branch, cache scale or "previous" run of this scale) -> its outputs and map shape
+        self._cache: dict[tuple[int, str, int | str], tuple[torch.Tensor, tuple[int, ...]]] = {}
         self._kv_passed: set[int] = set()  # blocks whose KV cache passed the budget's threshold in this call
         self._kv_cut: dict[int, int | None] = {}  # block -> the length its cache is cut to after this scale
 
-    def set_shapes(self, shapes: Sequence[tuple[int, int]], depth: int) -> None:
+    def set_shapes(self, shapes: Sequence[tuple[int, ...]], depth: int, **layout) -> None:
         """Resolve the config for the scale schedule of the coming call (any size or aspect ratio), checked
-        as that call will run it (a KV budget against the caches it builds)."""
-        self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales)
+        as that call will run it (a KV budget against the caches it builds). ``layout``: the clips and
+        repetitions of a schedule that has them (``FastVARConfig.resolve``)."""
+        self.schedule = self.config.resolve(shapes, depth, self.schedule.text_scales, **layout)
 
     @contextlib.contextmanager
     def sampling(self, count_calls_of: nn.Module | None = None) -> Iterator[None]:
@@ -51,9 +54,9 @@ class FastVARState:
                 hook.remove()
             self.release()
 
-    def begin_scale(self, si: int) -> None:
-        """The sampling loop is about to run scale ``si`` through the blocks."""
-        self.scale = si
+    def begin_scale(self, si: int, repetition: int = 0) -> None:
+        """The sampling loop is about to run scale ``si`` (its run ``repetition``) through the blocks."""
+        self.scale, self.repetition = si, repetition
 
     def scale_of(self, x: torch.Tensor) -> int | None:
         """The scale of a block input ``x`` (B, L, C): the one the sampling loop runs, None outside a sampling
@@ -67,33 +70,41 @@ class FastVARState:
     def acts_on(self, si: int, layer: int) -> bool:
         """Whether block ``layer`` prunes or caches at scale ``si``; if not it runs unchanged."""
         s = self.schedule
-        return layer in s.layers and (si == s.cache_scale or s.keep[si] is not None)
+        return layer in s.layers and (si in s.cached_scales or s.keep[si] is not None)
 
     def run_branch(self, layer: int, name: str, si: int, x: torch.Tensor, branch: Branch) -> torch.Tensor:
         """The residual update of one branch (attention, FFN, ...) of block ``layer`` at scale ``si``.
 
         ``branch(tokens, idx)`` gets the tokens to run and their positions (None: all, in order). At the
         cache scale the output is stored; at a pruned scale the branch runs on the pivotal tokens only
-        and the stored output, resized, fills the other positions.
+        and the stored output, resized, fills the other positions. A scale run again (a repetition) is
+        filled from its previous run's output instead, of the same shape.
         """
-        keep = self.schedule.keep[si] if layer in self.schedule.layers else None
+        s = self.schedule
+        keep = s.keep[si] if layer in s.layers else None
         from_cache = self.config.restoration == "cache"
+        last_run = self.repetition == s.repetitions[si] - 1
         if keep is None:
             out = branch(x, None)
-            if si == self.schedule.cache_scale and layer in self.schedule.layers:
-                self._cache[layer, name] = (out, self.schedule.shapes[si])
+            if si in s.cached_scales and layer in s.layers:
+                self._cache[layer, name, si] = (out, s.shapes[si])
             return out
-        if from_cache and (layer, name) not in self._cache:
-            raise RuntimeError(f"block {layer} reached pruned scale {si} before its cache scale "
-                               f"{self.schedule.cache_scale} ran; run scales in order from the first")
+        source = "previous" if self.repetition else s.cache_of(si)
+        if from_cache and (layer, name, source) not in self._cache:
+            raise RuntimeError(f"block {layer} reached pruned scale {si} before its cache scale {s.cache_of(si)} "
+                               "ran; run scales in order from the first")
         idx = self._select(x, keep, si, layer, name)
         fresh = branch(gather_tokens(x, idx), idx)
         if not from_cache:
             return restore_zeros(fresh, idx, x.shape[1])
-        cached, cached_hw = self._cache[layer, name]
-        if si == self.schedule.last_pruned:  # no later scale reads it
-            del self._cache[layer, name]
-        return restore(cached[: x.shape[0]], cached_hw, fresh, idx, self.schedule.shapes[si])
+        cached, cached_shape = self._cache.pop((layer, name, source)) if self.repetition else \
+            self._cache[layer, name, source]
+        if last_run and si == s.last_reader(s.cache_of(si)):  # no later scale reads it
+            self._cache.pop((layer, name, s.cache_of(si)), None)
+        out = restore(cached[: x.shape[0]], cached_shape, fresh, idx, s.shapes[si])
+        if not last_run:
+            self._cache[layer, name, "previous"] = (out, s.shapes[si])
+        return out
 
     def _select(self, x: torch.Tensor, keep: int, si: int, layer: int, name: str) -> torch.Tensor:
         if self.config.selection == "pivotal":
@@ -140,4 +151,4 @@ class FastVARState:
         self._cache.clear()
         self._kv_passed.clear()
         self._kv_cut.clear()
-        self.scale = None
+        self.scale, self.repetition = None, 0

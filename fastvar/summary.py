@@ -18,6 +18,8 @@ class CostModel:
     """FLOPs of one transformer block and of the logits head, per CFG row.
 
     context: keys of a cross-attention (text tokens), 0 when the blocks have none.
+    prefix: keys every scale's self-attention sees besides the scales' (InfinityStar's text tokens).
+    kv_width: channels of the keys (and values) per token, below ``width`` with grouped-query attention.
     mlp_matrices: weight matrices of the FFN, 2 (fc1, fc2) or 3 (SwiGLU's gate, up, down).
     last_scale_per_token: FLOPs per token of the last scale that no schedule prunes (HART's diffusion
         head, run on every token); spent only when the last scale runs.
@@ -32,10 +34,17 @@ class CostModel:
     mlp_matrices: int = 2
     last_scale_per_token: float = 0.0
     branches: int = 2
+    prefix: int = 0
+    kv_width: int | None = None
+
+    def __post_init__(self):
+        if self.kv_width is None:
+            object.__setattr__(self, "kv_width", self.width)
 
     def block(self, queries: int, keys: int) -> float:
         C = self.width
-        self_attn = 2 * queries * 4 * C * C + 4 * queries * keys * C  # q,k,v,out projections; QK^T and AV
+        projections = 2 * queries * (2 * C * C + 2 * C * self.kv_width)  # q, out; k, v
+        self_attn = projections + 4 * queries * keys * C  # and QK^T, AV
         cross = 2 * queries * 2 * C * C + 4 * queries * self.context * C if self.context else 0
         return self_attn + cross + 2 * self.mlp_matrices * queries * C * self.mlp_hidden
 
@@ -43,8 +52,8 @@ class CostModel:
         return 2 * tokens * self.width * self.head_out
 
     def schedule_flops(self, schedule: Schedule, patched: bool) -> list[float]:
-        """FLOPs per scale of the blocks and head, with the schedule applied or not."""
-        flops, keys = [], [0] * schedule.depth
+        """FLOPs per scale (all its runs) of the blocks and head, with the schedule applied or not."""
+        flops, keys = [], [self.prefix] * schedule.depth
         budgeted = patched and schedule.kv is not None
         attended = [[a for a, _ in schedule.kv.lengths(schedule, layer)] for layer in range(schedule.depth)] \
             if budgeted else None
@@ -53,12 +62,17 @@ class CostModel:
             if not patched or si < schedule.executed:
                 for layer in range(schedule.depth):
                     run = schedule.tokens_run(si, layer) if patched else tokens
-                    keys[layer] += run  # only tokens that ran leave K/V in the cache
-                    total += self.block(run, attended[layer][si] if budgeted else keys[layer])
+                    if schedule.references is None:
+                        keys[layer] += run  # only tokens that ran leave K/V in the cache
+                        seen = keys[layer]
+                    else:
+                        seen = self.prefix + run + sum(schedule.tokens_run(r, layer) if patched else schedule.tokens[r]
+                                                       for r in schedule.references[si])
+                    total += self.block(run, attended[layer][si] if budgeted else seen)
                 total += self.head(tokens)
                 if si == len(schedule.tokens) - 1:
                     total += self.last_scale_per_token * tokens
-            flops.append(total)
+            flops.append(total * (schedule.repetitions if patched else schedule.model_repetitions)[si])
         return flops
 
 
@@ -85,7 +99,7 @@ def decoder_flops(decoder: nn.Module, height: int, width: int) -> float:
 @dataclass(frozen=True)
 class ScaleRow:
     index: int
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (h, w) or (t, h, w)
     tokens: int
     kept: int | None  # tokens run in each pruning block; None when the scale is not pruned
     pruning_blocks: int
@@ -99,6 +113,8 @@ class ScaleRow:
     branch_bytes: int  # cached branch outputs held while this scale runs
     text: bool = False  # the scale holds text tokens, not a token map
     budget_kv_bytes: int | None = None  # the cache held after this scale under a KV budget, every block and row
+    runs: int = 1  # how many times the scale runs (InfinityStar repeats scales)
+    model_runs: int = 1  # and unpatched
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ class Summary:
     batch: int = 1
     element_size: int = 4
     decoder_flops: float | None = None  # per image
-    width: int = 0
+    width: int = 0  # channels of a token's keys (or values)
 
     @property
     def flop_ratio(self) -> float:
@@ -168,26 +184,39 @@ class Summary:
         rows = [2 if si < schedule.guided else 1 for si in range(len(schedule.tokens))]  # CFG rows per image
         patched = [f * r for f, r in zip(cost.schedule_flops(schedule, True), rows)]
         baseline = [2 * f for f in cost.schedule_flops(schedule, False)]
-        per_token = token_bytes(batch, cost.width, element_size)
-        cache, last = schedule.cache_scale, schedule.last_pruned
-        held = 0 if cache is None else schedule.tokens[cache] * per_token * cost.branches * len(schedule.layers)
+        per_token = token_bytes(batch, cost.width, element_size)  # one token's branch output
+        kv_token = token_bytes(batch, cost.kv_width, element_size)  # one token's keys (or values)
+        K, outputs = len(schedule.tokens), cost.branches * len(schedule.layers)
+
+        def held(si: int) -> int:  # cached branch outputs while scale si runs; a repeated pruned scale's previous run
+            tokens = sum(schedule.tokens[c] for c in schedule.cached_scales if c < si <= schedule.last_reader(c))
+            if schedule.keep[si] is not None and schedule.cache_scale is not None and schedule.repetitions[si] > 1:
+                tokens += schedule.tokens[si]
+            return tokens * per_token * outputs
+
+        def stored(si: int, scales: int) -> bool:  # its keys and values stay for a later scale of the first `scales`
+            if schedule.references is None:
+                return si < scales - 1
+            return any(si in schedule.references[later] for later in range(si + 1, scales))
+
         lengths = None if schedule.kv is None else [schedule.kv.lengths(schedule, layer)
                                                     for layer in range(schedule.depth)]
         rows = tuple(
             ScaleRow(si, schedule.shapes[si], n, schedule.keep[si] if schedule.layers else None,
                      len(schedule.layers) if schedule.keep[si] is not None else 0, si >= schedule.executed,
-                     si == cache, patched[si], baseline[si], si < schedule.guided,
-                     2 * per_token * sum(schedule.tokens_run(si, layer) for layer in range(schedule.depth))
-                     if si < schedule.executed - 1 else 0,
-                     2 * per_token * n * schedule.depth if si < len(schedule.tokens) - 1 else 0,
-                     held if cache is not None and cache < si <= last else 0,
+                     si in schedule.cached_scales, patched[si], baseline[si], si < schedule.guided,
+                     2 * kv_token * sum(schedule.tokens_run(si, layer) for layer in range(schedule.depth))
+                     if stored(si, schedule.executed) else 0,
+                     2 * kv_token * n * schedule.depth if stored(si, K) else 0,
+                     held(si),
                      si < schedule.text_scales,
-                     None if lengths is None else 2 * per_token * sum(
-                         layer[si][1] for layer in lengths) if si < schedule.executed - 1 else 0)
+                     None if lengths is None else 2 * kv_token * sum(
+                         layer[si][1] for layer in lengths) if si < schedule.executed - 1 else 0,
+                     schedule.repetitions[si], schedule.model_repetitions[si])
             for si, n in enumerate(schedule.tokens)
         )
         peak = None if lengths is None else sum(schedule.kv_tokens(layer) for layer in range(schedule.depth))
-        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops, cost.width, peak)
+        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops, cost.kv_width, peak)
 
     def __str__(self) -> str:
         name = f" preset {self.preset!r}" if self.preset else ""
@@ -195,10 +224,14 @@ class Summary:
                  f"({1 / self.flop_ratio:.2f}x fewer FLOPs)"]
         if self.decoder_flops is not None:
             lines.append(f"whole call with the image decoder: ideal FLOP ratio {self.whole_call_flop_ratio:.3f}")
+        fewer = [r for r in self.rows if r.runs < r.model_runs and not r.skipped]
+        if fewer:
+            lines.append("fewer repetitions: " + ", ".join(f"scale {r.index} runs {r.runs} of {r.model_runs}"
+                                                          for r in fewer))
         unguided = [r for r in self.rows if not r.guided and not r.skipped]
         if unguided:
             first = unguided[0]
-            lines.append(f"guidance off from scale {first.index} ({first.shape[0]}x{first.shape[1]}): the conditional "
+            lines.append(f"guidance off from scale {first.index} ({shape_text(first.shape)}): the conditional "
                          f"rows only, half the FLOPs there; with guidance kept the ratio would be "
                          f"{self.flop_ratio_with_guidance:.3f}")
         mib, budgeted = 2**20, self.kv_peak_tokens is not None
@@ -209,7 +242,8 @@ class Summary:
             lines.append(f"KV budget: the caches as large as they get between scales "
                          f"({self.fastvar_kv_bytes / mib:.1f} MiB without the budget), and while a scale is cut one "
                          "block's kept and new tokens at a time; 'held': what the caches keep after each scale")
-        lines.append(f"{'scale':>5} {'h x w':>9} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
+        repeats = any(r.model_runs > 1 for r in self.rows)
+        lines.append(f"{'scale':>5} {'shape':>12} {'tokens':>7}  {'tokens run per block':<46} {'FLOPs':>6} "
                      f"{'KV MiB':>7}" + (f" {'held MiB':>9}" if budgeted else ""))
         for r in self.rows:
             if r.skipped:
@@ -222,11 +256,18 @@ class Summary:
                 run = f"{r.tokens} (all)" + (", cached" if r.cached else "")
             if not r.guided and not r.skipped:
                 run += ", no guidance"
-            shape = f"{'text':>9}" if r.text else f"{r.shape[0]:>4}x{r.shape[1]:<4}"
-            lines.append(f"{r.index:>5} {shape} {r.tokens:>7}  {run:<46} "
+            if repeats and not r.skipped:
+                run += f", {plural(r.runs, 'run')}" + (f" of {r.model_runs}" if r.runs < r.model_runs else "")
+            shape = "text" if r.text else shape_text(r.shape)
+            lines.append(f"{r.index:>5} {shape:>12} {r.tokens:>7}  {run:<46} "
                          f"{r.flops / max(r.baseline_flops, 1):>6.2f} {r.kv_bytes / mib:>7.2f}"
                          + (f" {r.budget_kv_bytes / mib:>9.2f}" if budgeted else ""))
         return "\n".join(lines)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """(h, w) as 'hxw', (t, h, w) as 'txhxw'."""
+    return "x".join(str(n) for n in shape)
 
 
 def token_bytes(batch: int, width: int, element_size: int) -> int:

@@ -7,9 +7,10 @@ from torch import nn
 from fastvar.adapters.base import Adapter
 from fastvar.adapters.hart import HartAdapter
 from fastvar.adapters.infinity import InfinityAdapter
+from fastvar.adapters.infinitystar import InfinityStarAdapter
 from fastvar.adapters.var import VarAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter, InfinityAdapter, HartAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (VarAdapter, InfinityAdapter, HartAdapter, InfinityStarAdapter)
 
 
 def find_adapter(model: nn.Module) -> type[Adapter]:

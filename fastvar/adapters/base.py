@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,12 @@ class Adapter:
     def scale_shapes(model: nn.Module) -> list[tuple[int, int]]:
         """(h, w) of every scale of the schedule the model runs by default."""
         raise NotImplementedError
+
+    @staticmethod
+    def layout(shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:
+        """What ``FastVARConfig.resolve`` needs besides the shapes (clips, repetitions, references): none
+        for a plain pyramid."""
+        return {}
 
     @staticmethod
     def cost_model(model: nn.Module) -> CostModel:

@@ -207,8 +207,9 @@ class ScaleKVCache:
     def context(self, keys: Sequence[str | int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return [self.entries[key][0] for key in keys], [self.entries[key][1] for key in keys]
 
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.entries.values())
+    def keep_rows(self, rows: int) -> None:
+        """Drop every row from ``rows`` on (the unconditional rows, when guidance stops)."""
+        self.entries = {key: (k[:rows], v[:rows]) for key, (k, v) in self.entries.items()}
 
 
 class SelfAttention(nn.Module):
@@ -434,7 +435,8 @@ class InfinityStar(nn.Module):
     def logits(self, x: torch.Tensor, semantic: bool) -> torch.Tensor:
         """(rows, L, 2 d) in float32: pairs (2c, 2c + 1) are the logits of bit c being 0 and 1."""
         head = self.semantic_head2 if semantic else self.head
-        return F.linear(self.norm_hidden_sates(x).float(), head.weight.float(), head.bias.float())
+        with torch.autocast(x.device.type, enabled=False):  # float32 under a half-precision autocast too
+            return F.linear(self.norm_hidden_sates(x).float(), head.weight.float(), head.bias.float())
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         return rope_angles(positions, self.C // self.num_heads).to(self.word_embed.weight.device)
@@ -451,7 +453,8 @@ class InfinityStar(nn.Module):
         checkpoint: Checkpoint, B: int = 1, negative_label_B_or_BLT: tuple | None = None,
         g_seed: int | Sequence[int] | None = None, cfg_list: Sequence[float] = (), tau_list: Sequence[float] = (),
         apg_norm_threshold: float = 0.05, gt_leak: int = -1, gt_ls_Bl: Sequence[torch.Tensor] | None = None,
-        repetitions: Sequence[int] | None = None, return_summed_code_only: bool = False, progress: bool = False,
+        repetitions: Sequence[int] | None = None, trunk_scale: int = 1000, guided_scales: int | None = None,
+        return_summed_code_only: bool = False, progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         on_step_logits: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
@@ -463,7 +466,10 @@ class InfinityStar(nn.Module):
         batch (drawn row after row), or one seed per row: row i is then what the prompt gives alone with
         seed ``g_seed[i]``. ``gt_leak`` / ``gt_ls_Bl``: the bits (B, t, h, w, d) of every step of the
         first ``gt_leak`` scales are given instead of sampled. ``repetitions``: runs per scale (default:
-        the checkpoint's). ``on_step(si, repetition)`` is called before the blocks run a step;
+        the checkpoint's). ``trunk_scale``: only the scales before it run; the latent is what they summed.
+        From scale ``guided_scales`` on the unconditional rows are not run: those scales sample from the
+        prompt's logits alone (the cfg-1 path) at half the batch. ``on_step(si, repetition)`` is called
+        before the blocks run a step;
         ``on_step_logits(step, raw, guided)`` sees the logits before the temperature (all rows) and those
         handed to the softmax.
 
@@ -493,7 +499,12 @@ class InfinityStar(nn.Module):
             x = self.embed(latent, rows)
             step = 0
             steps = tqdm(total=sum(reps), desc="steps", leave=False) if progress else None
-            for si, (t, h, w) in enumerate(scale_schedule):
+            for si, (t, h, w) in enumerate(scale_schedule[: min(K, trunk_scale)]):
+                if si == guided_scales and rows > B:  # the unconditional rows stop here
+                    rows, x, text_lens = B, x[:B], text_lens[:B]
+                    groups = text_groups(text_lens)
+                    for block in self.unregistered_blocks:
+                        block.attn.kv_cache.keep_rows(B)
                 target = scale_schedule[per_clip - 1] if si < per_clip else scale_schedule[-1]
                 semantic = si % per_clip < checkpoint.semantic_scales
                 context = [*contexts[si].ref_sids, "t0"]
@@ -518,7 +529,7 @@ class InfinityStar(nn.Module):
                     step += 1
                     if steps is not None:
                         steps.update()
-                if si < K - 1:
+                if si < min(K, trunk_scale) - 1:
                     if (h, w) == tuple(scale_schedule[-1][1:]):  # a clip ends: the next starts from zeros
                         summed.append(torch.zeros(B, self.codebook_dim, *scale_schedule[si + 1], device=device))
                         x = self.embed(summed[-1], rows)
@@ -578,3 +589,36 @@ class InfinityStar(nn.Module):
         forced = sum(reps[: max(gt_leak, 0)])
         if forced and (gt_ls_Bl is None or len(gt_ls_Bl) < forced):
             raise ValueError(f"gt_leak = {gt_leak} needs the bits of {forced} steps in gt_ls_Bl")
+
+
+# ----------------------------------------------------------------------------- official configurations
+
+
+@dataclass(frozen=True)
+class Official:
+    """A released checkpoint: its pixel budget, sampling facts and the durations its script generates
+    (0: an image)."""
+
+    size: str
+    checkpoint: Checkpoint
+    durations: tuple[int, ...]
+
+
+ARCHITECTURE = dict(text_channels=2048, text_maxlen=512, embed_dim=4096, depth=36, num_heads=32, num_key_value_heads=8,
+                    mlp_ratio=4.0, block_chunks=6)  # infinity_qwen8b, both checkpoints
+OFFICIAL = {
+    "infinitystar-8b-720p": Official("0.90M", Checkpoint(12, (3,) * 15, (3,) * 12 + (2, 1, 1)), (0, 5)),
+    "infinitystar-8b-480p": Official("0.40M", Checkpoint(11, (3,) * 14, (3,) * 12 + (2, 1)), (0, 5, 10)),
+}
+SAMPLING = dict(cfg=34.0, tau_image=1.0, tau_video=0.4, apg_norm_threshold=0.05)  # the official scripts'
+
+
+def build(depth: int | None = None) -> InfinityStar:
+    """The official architecture with random weights; ``depth`` keeps the width and cuts the blocks (for
+    timing the full schedule on small machines)."""
+    kwargs = dict(ARCHITECTURE)
+    if depth is not None:
+        if not isinstance(depth, int) or not 1 <= depth <= kwargs["depth"]:
+            raise ValueError(f"depth must be in 1..{kwargs['depth']} for InfinityStar-8B, got {depth!r}")
+        kwargs.update(depth=depth, block_chunks=math.gcd(depth, kwargs["block_chunks"]))
+    return InfinityStar(**kwargs)
