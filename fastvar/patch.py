@@ -75,9 +75,7 @@ def patch(model: nn.Module, config: FastVARConfig | str | None = None, **overrid
     adapter = find_adapter(model)
     preset, config = _config_of(adapter, config, overrides)
     blocks = adapter.blocks(model)
-    shapes = adapter.scale_shapes(model)
-    schedule = config.resolve(shapes, len(blocks), adapter.text_scales, adapter.schedule_per_call,
-                              **adapter.layout(shapes))
+    schedule = adapter.resolve(config, adapter.scale_shapes(model), len(blocks))
     patched = [(block, adapter.block_class) for block in blocks]
     if config.kv_budget is not None:  # the attention modules whose caches the budget cuts
         patched += [(adapter.attention(block), adapter.attention_class) for block in blocks]
@@ -127,7 +125,7 @@ def presets(model: nn.Module) -> dict[str, FastVARConfig]:
 
 def fits(config: FastVARConfig, adapter: type[Adapter], shapes: list[tuple[int, ...]], depth: int) -> bool:
     try:
-        config.resolve(shapes, depth, adapter.text_scales, **adapter.layout(shapes))
+        adapter.resolve(config, shapes, depth)
     except ValueError:
         return False
     return True

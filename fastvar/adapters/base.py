@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastvar.config import FastVARConfig
+from fastvar.config import FastVARConfig, Schedule
 from fastvar.summary import CostModel
 
 
@@ -26,6 +26,7 @@ class Adapter:
     default_preset = "default"
     text_scales = 0  # leading scales of text tokens rather than token maps (HART's scale 0)
     schedule_per_call = False  # each sampling call brings its own schedule; scale_shapes is only the default
+    kv_budgets = True  # whether the family's KV cache takes budgets
     attention_module: type  # fastvar's self-attention class of the family, whose KV cache a budget cuts
     query_projection = "mat_qkv"  # its q, k, v projection: the first third makes the queries
 
@@ -41,6 +42,14 @@ class Adapter:
     def scale_shapes(model: nn.Module) -> list[tuple[int, int]]:
         """(h, w) of every scale of the schedule the model runs by default."""
         raise NotImplementedError
+
+    @classmethod
+    def resolve(cls, config: FastVARConfig, shapes: Sequence[tuple[int, ...]], depth: int) -> Schedule:
+        """``config`` resolved against a model of this family with these scale shapes and ``depth`` blocks;
+        ``ValueError`` for what the family or the model cannot run."""
+        if config.kv_budget is not None and not cls.kv_budgets:
+            raise ValueError(f"KV budgets are not implemented for {cls.family}")
+        return config.resolve(shapes, depth, cls.text_scales, cls.schedule_per_call, **cls.layout(shapes))
 
     @staticmethod
     def layout(shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:

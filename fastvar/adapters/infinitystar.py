@@ -94,6 +94,7 @@ class InfinityStarAdapter(Adapter):
     description = "fastvar's InfinityStar (fastvar.models.infinitystar)"
     default_preset = "none"
     schedule_per_call = True
+    kv_budgets = False  # its cache holds the text and one scale per clip, not a growing cache to cut
     presets = {
         "none": FastVARConfig(),
     }
@@ -130,11 +131,6 @@ class InfinityStarAdapter(Adapter):
     @staticmethod
     def decoder(model: nn.Module) -> nn.Module | None:
         return None  # the video VAE is the pipeline's, not the model's
-
-    @classmethod
-    def attention_class(cls, parent: type) -> type:
-        raise ValueError("KV budgets are not implemented for InfinityStar: its cache holds the text and one "
-                         "scale per clip, not a growing cache to cut")
 
     block_class = staticmethod(make_block_class)
     root_class = staticmethod(make_root_class)
