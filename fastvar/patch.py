@@ -19,7 +19,7 @@ from fastvar.adapters.base import Adapter
 from fastvar.config import FastVARConfig
 from fastvar.dtypes import resolve_dtype
 from fastvar.state import FastVARState
-from fastvar.summary import Summary, decoder_flops
+from fastvar.summary import Summary
 
 
 def _refuse_pickling(module: nn.Module, protocol: int) -> None:
@@ -138,9 +138,9 @@ def is_patched(model: nn.Module) -> bool:
 def summary(model: nn.Module, batch: int = 1, dtype: torch.dtype | str = torch.float32,
             decoder: nn.Module | None = None) -> Summary:
     """Per scale: tokens, tokens run per block, skipped or not, FLOPs and KV-cache bytes; the ideal FLOP
-    ratio, and with the image ``decoder`` (found on VAR and HART models; pass Infinity's VAE decoder) that of
-    the whole call. Memory is for ``batch`` images cached in ``dtype``, one of fastvar's precisions (a torch
-    dtype or its name, 'bf16' ...)."""
+    ratio, and with the image ``decoder`` (found on VAR and HART models; pass Infinity's VAE decoder, or
+    InfinityStar's ``VideoVAE``) that of the whole call. Memory is for ``batch`` images cached in ``dtype``,
+    one of fastvar's precisions (a torch dtype or its name, 'bf16' ...)."""
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched; call fastvar.patch(model) first")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
@@ -148,6 +148,6 @@ def summary(model: nn.Module, batch: int = 1, dtype: torch.dtype | str = torch.f
     dtype = resolve_dtype(dtype)
     state, adapter = model._fastvar, find_adapter(model)
     decoder = adapter.decoder(model) if decoder is None else decoder
-    flops = None if decoder is None else decoder_flops(decoder, *adapter.latent_shape(model, state.schedule.shapes[-1]))
+    flops = None if decoder is None else adapter.decoder_flops(model, decoder, state.schedule.shapes)
     return Summary.of(state.family, state.preset, state.schedule, adapter.cost_model(model), batch,
                       dtype.itemsize, flops)

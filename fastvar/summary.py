@@ -48,6 +48,12 @@ class CostModel:
         cross = 2 * queries * 2 * C * C + 4 * queries * self.context * C if self.context else 0
         return self_attn + cross + 2 * self.mlp_matrices * queries * C * self.mlp_hidden
 
+    @property
+    def working_set(self) -> int:
+        """Values per token live inside one block at once, roughly: the residual stream and its norm, q, k, v,
+        the attention output, and the FFN's hidden tensors (two for SwiGLU)."""
+        return 3 * self.width + 2 * self.kv_width + (self.mlp_matrices - 1) * self.mlp_hidden
+
     def head(self, tokens: int) -> float:
         return 2 * tokens * self.width * self.head_out
 
@@ -152,6 +158,8 @@ class Summary:
                 / (sum(r.baseline_flops for r in self.rows) + self.decoder_flops))
 
     kv_peak_tokens: int | None = None  # under a KV budget: the tokens of every block's cache at its largest
+    activation_bytes: int = 0  # one block's working set at the step with the most tokens, every row
+    baseline_activation_bytes: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -216,7 +224,11 @@ class Summary:
             for si, n in enumerate(schedule.tokens)
         )
         peak = None if lengths is None else sum(schedule.kv_tokens(layer) for layer in range(schedule.depth))
-        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops, cost.kv_width, peak)
+        live = batch * cost.working_set * element_size
+        activations = max(schedule.tokens_run(si, layer) * (2 if si < schedule.guided else 1)
+                          for si in range(schedule.executed) for layer in range(schedule.depth)) * live
+        return cls(family, preset, schedule.depth, rows, batch, element_size, decoder_flops, cost.kv_width, peak,
+                   activations, max(schedule.tokens) * 2 * live)
 
     def __str__(self) -> str:
         name = f" preset {self.preset!r}" if self.preset else ""
@@ -238,6 +250,8 @@ class Summary:
         lines.append(f"KV cache {self.kv_bytes / mib:.1f} MiB (unpatched {self.baseline_kv_bytes / mib:.1f} MiB), "
                      f"cached branch outputs {self.branch_bytes / mib:.1f} MiB, for {plural(self.batch, 'image')} with "
                      f"guidance, {self.element_size}-byte values")
+        lines.append(f"activations about {self.activation_bytes / mib:.1f} MiB at the largest step (one block's "
+                     f"working set; unpatched {self.baseline_activation_bytes / mib:.1f} MiB)")
         if budgeted:
             lines.append(f"KV budget: the caches as large as they get between scales "
                          f"({self.fastvar_kv_bytes / mib:.1f} MiB without the budget), and while a scale is cut one "

@@ -15,7 +15,17 @@ import torch
 
 import fastvar
 from fastvar import FastVARConfig
-from fastvar.models.infinitystar import Checkpoint, InfinityStar, SelfAttnBlock, scale_schedule, scales_per_clip
+from fastvar.hub import parameters_on_meta
+from fastvar.models.infinitystar import (
+    OFFICIAL,
+    Checkpoint,
+    InfinityStar,
+    SelfAttnBlock,
+    build,
+    scale_schedule,
+    scales_per_clip,
+)
+from fastvar.models.video_vae import VideoVAE
 from fastvar.pruning import gather_tokens, restore, select_pivotal
 
 SCHEDULE = scale_schedule(0.571, "0.06M", 1)  # an image clip and a 4-latent-frame clip, 11 scales each
@@ -202,3 +212,42 @@ def test_positions_are_within_a_clip():
     with pytest.raises(ValueError, match="scale position 11 does not exist"):
         fastvar.patch(model, prune={11: 0.5})
         call(model)
+
+
+def official_meta_model():
+    with parameters_on_meta():
+        return build(), VideoVAE()
+
+
+def test_summary_of_a_720p_5_second_clip():
+    """Patched at the default call (720p 16:9, 5 s): per scale and run the tokens run, KV bytes only for the
+    scale the next clip attends to, activation bytes, and the whole call with the video decoder."""
+    model, vae = official_meta_model()
+    fastvar.patch(model)  # the default preset
+    summary = fastvar.summary(model, dtype="bf16", decoder=vae)
+    schedule = model._fastvar.schedule
+    official = OFFICIAL["infinitystar-8b-720p"]
+    assert [r.shape for r in summary.rows] == scale_schedule(9 / 16, official.size, 5)
+    assert [r.model_runs for r in summary.rows] == official.checkpoint.repetitions(schedule.shapes)
+    pruned = [r.index for r in summary.rows if r.kept is not None]
+    assert pruned == [13, 14, 28, 29] and [r.index for r in summary.rows if r.cached] == [12, 27]
+    assert summary.rows[29].kept == 72000 - int(72000 * 0.75) and summary.rows[29].pruning_blocks == 27
+    kv_token = 2 * 8 * 128 * 2  # both CFG rows, 8 KV heads of 128 channels, bf16
+    stored = [r.index for r in summary.rows if r.baseline_kv_bytes]
+    assert stored == [14] and summary.rows[14].baseline_kv_bytes == 2 * kv_token * 3600 * 36
+    assert summary.rows[14].kv_bytes == 2 * kv_token * (3600 * 9 + summary.rows[14].kept * 27)
+    assert 0.55 < summary.flop_ratio < summary.whole_call_flop_ratio < 0.6
+    working_set = 3 * 4096 + 2 * 1024 + 2 * 16384
+    assert summary.baseline_activation_bytes == summary.activation_bytes == 72000 * 2 * working_set * 2
+    assert "20x45x80" in str(summary) and "1 run" in str(summary)
+
+
+def test_fewer_repetitions_cut_the_flops_of_their_scales_in_proportion():
+    model, _ = official_meta_model()
+    fastvar.patch(model, "fewer-repetitions")
+    summary = fastvar.summary(model)
+    capped = [r for r in summary.rows if r.runs < r.model_runs]
+    assert [r.index for r in capped] == [11, 12, 26, 27]
+    for r in summary.rows:
+        assert r.flops == pytest.approx(r.baseline_flops * r.runs / r.model_runs)
+    assert "fewer repetitions: scale 11 runs 1 of 3" in str(summary)

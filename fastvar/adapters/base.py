@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastvar.config import FastVARConfig, Schedule
-from fastvar.summary import CostModel
+from fastvar.summary import CostModel, decoder_flops
 
 
 def has_class_named(obj: object, name: str) -> bool:
@@ -66,6 +66,11 @@ class Adapter:
         """The image decoder the model's sampling call runs, if the model holds it."""
         vae = getattr(model, "vae_proxy", None)
         return None if vae is None else vae[0].decoder
+
+    @classmethod
+    def decoder_flops(cls, model: nn.Module, decoder: nn.Module, shapes: Sequence[tuple[int, ...]]) -> float:
+        """FLOPs of decoding one image of a call with these scale shapes."""
+        return decoder_flops(decoder, *cls.latent_shape(model, shapes[-1]))
 
     @staticmethod
     def latent_shape(model: nn.Module, last_scale: tuple[int, int]) -> tuple[int, int]:

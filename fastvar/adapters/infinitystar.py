@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastvar.adapters.base import Adapter, has_class_named
+from fastvar.adapters.infinity import official_layers
 from fastvar.config import FastVARConfig
 from fastvar.models.infinitystar import OFFICIAL, scale_contexts, scale_schedule, scales_per_clip
+from fastvar.models.video_vae import VideoVAE
 from fastvar.summary import CostModel
 
 REQUIRED = ("unregistered_blocks", "autoregressive_infer", "word_embed", "semantic_head2")
@@ -92,10 +95,25 @@ def layout(schedule: Sequence[tuple[int, int, int]], repetitions: Sequence[int])
 class InfinityStarAdapter(Adapter):
     family = "infinitystar"
     description = "fastvar's InfinityStar (fastvar.models.infinitystar)"
-    default_preset = "none"
+    default_preset = "default"
     schedule_per_call = True
     kv_budgets = False  # its cache holds the text and one scale per clip, not a growing cache to cut
     presets = {
+        # No official InfinityStar schedule exists. At 720p 5 s the last two scales of the video clip hold 61%
+        # of the FLOPs and run once each: prune them as HART's official schedule prunes its last two (50%,
+        # 75%), in the blocks the official Infinity schedule prunes (3..27 of 32, stretched to the depth).
+        "default": FastVARConfig(prune={-2: 0.5, -1: 0.75}, layers=official_layers),
+        # Also the third-last scale (14% at 720p, two runs: its second is filled from its first), at 40%.
+        "default-prune-3": FastVARConfig(prune={-3: 0.4, -2: 0.5, -1: 0.75}, layers=official_layers),
+        # The last scale not run at all (48% at 720p 5 s), the one before pruned.
+        "skip-last": FastVARConfig(prune={-2: 0.5}, skip_last=1, layers=official_layers),
+        # Fewer repetitions alone: the fourth- and third-last scales run once instead of 3 and 2 times.
+        "fewer-repetitions": FastVARConfig(repetitions={-4: 1, -3: 1}),
+        "default-fewer-repetitions": FastVARConfig(prune={-2: 0.5, -1: 0.75}, layers=official_layers,
+                                                   repetitions={-4: 1, -3: 1}),
+        # The default with its last scale run without guidance (the prompt rows only).
+        "default-unguided-last": FastVARConfig(prune={-2: 0.5, -1: 0.75}, layers=official_layers,
+                                               guidance_off_from=-1),
         "none": FastVARConfig(),
     }
 
@@ -131,6 +149,21 @@ class InfinityStarAdapter(Adapter):
     @staticmethod
     def decoder(model: nn.Module) -> nn.Module | None:
         return None  # the video VAE is the pipeline's, not the model's
+
+    @classmethod
+    def decoder_flops(cls, model: nn.Module, decoder: nn.Module, shapes: Sequence[tuple[int, ...]]) -> float:
+        """FLOPs of ``VideoVAE.decode`` on the call's latent (every clip's frames at the last (h, w)), counted on
+        a copy built on the meta device (shapes only, nothing computed)."""
+        if not isinstance(decoder, VideoVAE):
+            raise ValueError(f"the decoder must be the pipeline's VideoVAE (pipe.vae), got a {type(decoder).__name__}")
+        per_clip = scales_per_clip(shapes)
+        frames = sum(shapes[end - 1][0] for end in range(per_clip, len(shapes) + 1, per_clip))
+        with torch.device("meta"):
+            meta = VideoVAE(decoder.config)
+            latent = torch.empty(1, decoder.config.code_channels, frames, *shapes[-1][1:])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            meta.decode(latent)
+        return float(counter.get_total_flops())
 
     block_class = staticmethod(make_block_class)
     root_class = staticmethod(make_root_class)
