@@ -147,7 +147,8 @@ def visual_positions(schedule: Sequence[Scale], si: int, step: int, context: Sca
 
 
 def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i + 1) of x (B, H, L, D) by the angles of ``rope`` (2, L, D / 2)."""
+    """Rotate channel pairs (2i, 2i + 1) of x (B, H, L, D) by the angles of ``rope`` (2, L, D / 2), or per
+    batch row (2, B, 1, L, D / 2)."""
     pairs = x.unflatten(-1, (-1, 2))
     cos, sin = rope[0], rope[1]
     return torch.stack([cos * pairs[..., 0] - sin * pairs[..., 1], sin * pairs[..., 0] + cos * pairs[..., 1]],
@@ -164,13 +165,16 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention as the official call makes it: q, k, v (B, H, L, D) rounded to bfloat16, the output
-    (B, L, H * D) in bfloat16. flash-attn when it can run; otherwise SDPA in float32 on the rounded values."""
+    (B, L, H * D) in bfloat16. flash-attn when it can run, else SDPA: in bfloat16 on CUDA (its flash kernel),
+    in float32 on the rounded values on the CPU (where the reference outputs were made that way)."""
     B, H, L, D = q.shape
     q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
     if flash_available(q):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                softmax_scale=scale).reshape(B, L, H * D)
-    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    if not q.is_cuda:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(B, L, H * D).to(torch.bfloat16)
 
 
