@@ -28,20 +28,24 @@ cases=(  # name | family and its options
   "infinity-2b-1344-b1|infinity --model 2b --aspect-ratio 1.0 --pixels extended --batch 1"
   "infinity-8b-1024-b8|infinity --model 8b --size 1024x1024 --batch 8 --preset scalekv-10 --preset paper-scalekv-10 --preset paper"
   "hart-0.7b-1024-b1|hart --batch 1"
+  # a 5 s clip takes about a minute per run unpatched: fewer presets and repeats (a case's options win)
+  "infinitystar-480p-5s-b1|infinitystar --model 8b-480p --duration 5 --batch 1 --preset default --preset skip-last --repeats 1"
+  "infinitystar-720p-5s-b1|infinitystar --model 8b-720p --duration 5 --batch 1 --preset default --repeats 1"
 )
 if [[ "${FASTVAR_BENCH_SMOKE:-0}" == 1 ]]; then  # tiny stand-ins of the same architectures, on the CPU
   command=(python tests/tiny_cli.py bench)
   run=(--random-weights --device cpu --dtype fp32 --repeats 1 --warmup 0)
-  declare -A dtype=([var]=fp32 [infinity]=fp32 [hart]=fp32)
+  declare -A dtype=([var]=fp32 [infinity]=fp32 [hart]=fp32 [infinitystar]=fp32)
   cases=("${cases[@]/--size 1024x1024/--size 256x256}")
   cases=("${cases[@]/--pixels extended/--pixels 0.06M}")
+  cases=("${cases[@]/--duration 5/--duration 0}")  # an image: a video's last scales are too big for a CPU
   for i in "${!cases[@]}"; do  # every VAR depth has the same stand-in: d16's cases cover them
     [[ ${cases[$i]} == var-d30* || ${cases[$i]} == var-d36* ]] && unset "cases[$i]"
   done
 else
   command=(python -m fastvar bench)
   run=(--random-weights --device cuda --repeats 3 --warmup 1)
-  declare -A dtype=([var]=bf16 [infinity]=bf16 [hart]=fp16)  # as each official inference runs
+  declare -A dtype=([var]=bf16 [infinity]=bf16 [hart]=fp16 [infinitystar]=bf16)  # as each official inference runs
 fi
 
 for case in "${cases[@]}"; do
@@ -49,7 +53,7 @@ for case in "${cases[@]}"; do
   read -r -a options <<< "${case#*|}"
   family=${options[0]}
   echo "== $name" >&2
-  "${command[@]}" "${options[@]}" "${run[@]}" --dtype "${dtype[$family]}" --json "$out/$name.json" \
+  "${command[@]}" "$family" "${run[@]}" "${options[@]:1}" --dtype "${dtype[$family]}" --json "$out/$name.json" \
     > "$out/$name.txt"
 done
 

@@ -3,7 +3,7 @@
 Runs alternate between the variants after a warm-up, so drift (clocks, other load) hits all of them.
 Whole calls are reported by their minimum and median over the repeats (on a shared machine medians
 swing by tens of percent); per-scale times are medians. Per-scale times come from hooks on the first
-block (one call per scale) and on the image decoder.
+block (one call per run of a scale) and on the image decoder.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class VariantResult:
     decode: float  # seconds, median
     peak_memory: int | None  # bytes, CUDA only (out of memory: the most allocated before it failed)
     flop_ratio: float  # ideal, against the unpatched model
-    scales: tuple[str, ...]  # every scale of the schedule run: 'h x w', or 'text'
-    images: int = 1  # per call
+    scales: tuple[str, ...]  # every scale of the schedule run: 'h x w' (InfinityStar: 't x h x w'), or 'text'
+    images: int = 1  # per call (videos, for a video pipeline)
 
     @property
     def out_of_memory(self) -> bool:
@@ -49,12 +49,17 @@ class VariantResult:
 
 
 class StepClock:
-    """Timestamps at the start of every scale (first block called) and of decoding."""
+    """Timestamps at every call of the first block (a scale's run; InfinityStar's text pass too) and at the
+    start of decoding (the decoder's first call: a video decoder runs chunk by chunk)."""
 
     def __init__(self, first_block: nn.Module, decoder: nn.Module, device: torch.device):
         self.device, self.marks, self.decode_mark = device, [], None
         self._hooks = [first_block.register_forward_pre_hook(lambda *_: self.marks.append(self._now())),
-                       decoder.register_forward_pre_hook(lambda *_: setattr(self, "decode_mark", self._now()))]
+                       decoder.register_forward_pre_hook(lambda *_: self._decoding())]
+
+    def _decoding(self) -> None:
+        if self.decode_mark is None:
+            self.decode_mark = self._now()
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -62,7 +67,8 @@ class StepClock:
         return time.perf_counter()
 
     def run(self, fn: Callable[[], Any]) -> tuple[tuple[float, list[float], float], Any]:
-        """(whole call, seconds per executed scale, decoding) of one call of ``fn``, and what it returned."""
+        """(whole call, seconds of every first-block call up to decoding, decoding) of one call of ``fn``, and
+        what it returned."""
         self.marks, self.decode_mark = [], None
         start = self._now()
         result = fn()
@@ -73,6 +79,16 @@ class StepClock:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+def scale_seconds(steps: Sequence[float], runs: Sequence[int] | None) -> list[float]:
+    """Seconds per scale from those of every first-block call: scale ``si`` is ``runs[si]`` calls (0: skipped),
+    and calls before the scales' (InfinityStar's text pass) count to the first. Without ``runs``: a call each."""
+    if runs is None:
+        return list(steps)
+    counts = [n + (len(steps) - sum(runs) if si == 0 else 0) for si, n in enumerate(runs)]
+    ends = [sum(counts[: si + 1]) for si in range(len(counts))]
+    return [sum(steps[end - n:end]) for n, end in zip(counts, ends)]
 
 
 def benchmark(
@@ -88,7 +104,7 @@ def benchmark(
     named = {"baseline": None, **{v if isinstance(v, str) else f"config{i}": v for i, v in enumerate(variants)}}
     samples: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in named}
     peaks: dict[str, int | None] = dict.fromkeys(named)
-    ratios, scales = {"baseline": 1.0}, {}
+    ratios, scales, runs = {"baseline": 1.0}, {}, {}
     device = pipe.device
     clock = StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
     rounds, failed = warmup + repeats, set()
@@ -113,7 +129,9 @@ def benchmark(
                 if variant is not None:  # after the run: the schedule is the one the call used
                     summary = fastvar.summary(pipe.transformer)
                     ratios[name] = summary.flop_ratio
-                    scales[name] = tuple("text" if r.text else f"{r.shape[0]}x{r.shape[1]}" for r in summary.rows)
+                    scales[name] = tuple("text" if r.text else "x".join(map(str, r.shape)) for r in summary.rows)
+                    runs[name] = tuple(0 if r.skipped else r.runs for r in summary.rows)
+                    runs["baseline"] = tuple(r.model_runs for r in summary.rows)
                 if device.type == "cuda":
                     peaks[name] = torch.cuda.max_memory_allocated(device)
                 if i >= warmup:
@@ -125,14 +143,15 @@ def benchmark(
         clock.close()
         if fastvar.is_patched(pipe.transformer):
             fastvar.unpatch(pipe.transformer)
-    num_scales = max((len(s[1]) for runs in samples.values() for s in runs), default=0)
+    per_scale = {name: [scale_seconds(s[1], runs.get(name)) for s in samples[name]] for name in named}
+    num_scales = max((len(s) for seconds in per_scale.values() for s in seconds), default=0)
     schedule = next(iter(scales.values()), ())
     images = len(inputs[pipe.batch_argument])
     return [
         VariantResult(
             name,
             tuple(s[0] for s in samples[name]),
-            tuple(statistics.median((s[1] + [0.0] * num_scales)[si] for s in samples[name]) if samples[name] else 0.0
+            tuple(statistics.median((s + [0.0] * num_scales)[si] for s in per_scale[name]) if samples[name] else 0.0
                   for si in range(num_scales)),
             statistics.median(s[2] for s in samples[name]) if samples[name] else 0.0,
             peaks[name],

@@ -1,5 +1,5 @@
-"""The fastvar command: generate images, bench FastVAR against the unpatched model, sample evaluation sets
-and compare presets' outputs, for every model family fastvar has a pipeline for.
+"""The fastvar command: generate images and videos, bench FastVAR against the unpatched model, sample evaluation
+sets and compare presets' outputs, for every model family fastvar has a pipeline for.
 
 Every mistake is one 'error:' line (exit status 2), found before anything is loaded where it can be: the
 inputs, the sampling options, the FastVAR presets and configs against the model's schedule, and every output
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import fastvar
-from fastvar import run_folder, sampler
+from fastvar import run_folder, sampler, video
 from fastvar.bench import benchmark, format_results, results_json
 from fastvar.calibrate import calibrate
 from fastvar.config import FastVARConfig
@@ -34,7 +34,7 @@ from fastvar.pipelines import PIPELINES
 from fastvar.pipelines.base import Pipeline, Preset, resolve_device
 
 USER_ERRORS = (ValueError, WeightsUnavailableError, ImportError)  # what a wrong option or a missing file raises
-MAX_GENERATE = 64  # images of one generate command (one batch, one grid); fastvar sample batches more
+MAX_GENERATE = 64  # images (videos) of one generate command (one batch, one grid); fastvar sample batches more
 
 
 class UserError(Exception):
@@ -115,6 +115,15 @@ def check_image_output(path: str) -> Path:
     return check_output_file(path, f"--out {path}")
 
 
+def check_video_output(path: str) -> Path:
+    """A video file fastvar can write (``fastvar.video.SUFFIXES``; .mp4 with PyAV), where it can be written."""
+    try:
+        video.check_video_path(path)
+    except ValueError as err:
+        raise UserError(f"--out {err}") from None
+    return check_output_file(path, f"--out {path}")
+
+
 def check_out_folder(path: str) -> Path:
     """A folder that is or can be made, and written in."""
     out = run_folder.check_out_dir(path)
@@ -141,6 +150,14 @@ def save_images(images: Sequence[Image.Image], out: Path) -> list[Path]:
     for image, single in zip(images, singles):
         image.save(single)
     return [out, *singles]
+
+
+def save_videos(clips: Sequence[Sequence[Image.Image]], out: Path) -> list[Path]:
+    """One video as ``out``; several: ``OUT-0.mp4`` ... (``.png``: each video's frames, ``OUT-000.png`` ...)."""
+    if len(clips) == 1:
+        return video.save_video(clips[0], out)
+    return [path for i, clip in enumerate(clips) for path in video.save_video(clip, out.with_name(
+        f"{out.stem}-{i}{out.suffix}"))]
 
 
 # ----------------------------------------------------------------------------- what to run, checked before loading
@@ -175,7 +192,7 @@ def check_model_options(args: argparse.Namespace, family: type[Pipeline], random
         config = family.adapter.presets[variant] if isinstance(variant, str) else variant
         try:
             if config is not None:
-                config.resolve(shapes, depth, family.adapter.text_scales, **family.adapter.layout(shapes))
+                family.adapter.resolve(config, shapes, depth)
         except ValueError as err:
             raise UserError(f"{name} does not fit this model ({depth} blocks, {len(shapes)} scales): {err}") from None
 
@@ -217,24 +234,34 @@ def load_pipeline(family: type[Pipeline], args: argparse.Namespace, random: bool
 
 def generate(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
-    out = check_image_output(args.out)
-    preset = chosen_preset(args, family)
     inputs, options = family.inputs(args), family.call_arguments(args)
+    videos = video.makes_videos(family, options)
+    out = check_video_output(args.out or f"{args.family}.mp4") if videos else check_image_output(
+        args.out or f"{args.family}.png")
+    preset = chosen_preset(args, family)
     if len(inputs) > MAX_GENERATE:
-        raise UserError(f"{len(inputs)} images asked for; generate makes at most {MAX_GENERATE} (one batch, one "
-                        "grid): fastvar sample makes any number, in batches")
-    check_images(family, inputs, options, [args.seed])
+        what = "videos asked for; generate makes at most {} (one batch)" if videos else \
+            "images asked for; generate makes at most {} (one batch, one grid)"
+        raise UserError(f"{len(inputs)} {what.format(MAX_GENERATE)}: fastvar sample makes any number, in batches")
     check_model_options(args, family, args.random_weights, options, {str(preset): preset})
+    check_images(family, inputs, options, [args.seed])
     resolve_device(args.device)
     pipe = load_pipeline(family, args, random=args.random_weights)
-    images = pipe(**{family.batch_argument: inputs}, **options, seed=args.seed, preset=preset)
+    outputs = pipe(**{family.batch_argument: inputs}, **options, seed=args.seed, preset=preset)
     if fastvar.is_patched(pipe.transformer):
         print(fastvar.summary(pipe.transformer), file=sys.stderr)
+    if videos:
+        save = save_videos
+        said = f"{len(outputs)} video(s) of {len(video.frames_of(outputs[0]))} frames at {video.FPS} fps"
+    else:
+        outputs = [video.frames_of(o)[0] for o in outputs]  # a family of videos makes an image as one frame
+        save = save_images
+        said = "a grid, and each image beside it" if len(outputs) > 1 else "an image"
     try:
-        save_images(images, out)
+        written = save(outputs, out)
     except OSError as err:
-        rescue(str(out), err, lambda folder: save_images(images, folder / out.name))
-    print(f"saved {out}" + (f" (a grid) and {len(images)} single images beside it" if len(images) > 1 else ""),
+        rescue(str(out), err, lambda folder: save(outputs, folder / out.name))
+    print(f"saved {written[0] if len(written) == 1 else f'{written[0]} ... {written[-1]}'} ({said})",
           file=sys.stderr)
 
 
@@ -260,8 +287,8 @@ def bench(args: argparse.Namespace) -> None:
     presets = args.presets or []
     check_presets(presets, family)
     json_out = None if args.json is None else check_output_file(args.json, f"--json {args.json}")
-    check_images(family, inputs, options, [0])
     check_model_options(args, family, True, options, {p: p for p in presets})
+    check_images(family, inputs, options, [0])
     resolve_device(args.device)
     pipe = bench_pipeline(args, family, options)
     if not presets:  # every preset that fits the model (a KV budget is made for a number of blocks)
@@ -318,8 +345,9 @@ def sample_command(args: argparse.Namespace) -> None:
         if world > 1:
             torch.distributed.destroy_process_group()
     if summary is not None:
-        print(f"{summary['images']} images in {out} ({summary['batches_this_run']} of {summary['batches']} batches "
-              f"generated now, {summary['images_per_second_per_process']:.2f} images/s per process); "
+        what = "videos" if video.makes_videos(family, options) else "images"
+        print(f"{summary['images']} {what} in {out} ({summary['batches_this_run']} of {summary['batches']} batches "
+              f"generated now, {summary['images_per_second_per_process']:.2f} {what}/s per process); "
               f"summary.json beside them", file=sys.stderr)
 
 
@@ -363,8 +391,8 @@ def compare_command(args: argparse.Namespace) -> None:
     inputs = [i.input for i in read_items(args, family)]
     options = family.call_arguments(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    check_images(family, inputs, options, seeds)
     check_model_options(args, family, args.random_weights, options, variants)
+    check_images(family, inputs, options, seeds)
     out = check_out_folder(args.out)
     resolve_device(args.device)
     pipe = load_pipeline(family, args, random=args.random_weights)
@@ -381,13 +409,15 @@ def compare_command(args: argparse.Namespace) -> None:
 
 def calibrate_command(args: argparse.Namespace) -> None:
     family = PIPELINES[args.family]
+    if not hasattr(family.adapter, "attention_module"):  # the attention class whose KV cache a budget cuts
+        raise UserError(f"calibrate measures a KV budget, and {family.family} takes none")
     if not 0 < args.fraction < 1:
         raise UserError(f"--fraction {args.fraction}: the share of the KV cache to keep, in (0, 1)")
     inputs = [i.input for i in read_items(args, family)]
     options = family.call_arguments(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    check_images(family, inputs, options, seeds)
     check_model_options(args, family, args.random_weights, options, {})
+    check_images(family, inputs, options, seeds)
     out = check_output_file(args.out, f"--out {args.out}")
     resolve_device(args.device)
     pipe = load_pipeline(family, args, random=args.random_weights)
@@ -436,8 +466,11 @@ def add_preset_choice(p: argparse.ArgumentParser, family: type[Pipeline]) -> Non
 def add_generate(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) -> None:
     family.add_input_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--out", default=f"{name}.png", help=f"image file; several images (at most {MAX_GENERATE}): a "
-                                                       "grid, and OUT-0.png ... beside it")
+    videos = ("; a video: .mp4 (PyAV), .gif or .webp (animated), or .png (one file per frame, OUT-000.png ...), "
+              f"several: OUT-0.mp4 ... (default: {name}.png, a video {name}.mp4)"
+              if video.duration_parameter(family) else f" (default: {name}.png)")
+    p.add_argument("--out", help=f"image file; several images (at most {MAX_GENERATE}): a grid, and OUT-0.png ... "
+                                 f"beside it{videos}")
     add_preset_choice(p, family)
     p.set_defaults(func=generate)
 
@@ -471,7 +504,8 @@ def add_sample(p: argparse.ArgumentParser, name: str, family: type[Pipeline]) ->
     add_item_options(p, family, per_item=True)
     p.add_argument("--out", required=True, help="output folder (created; a finished run's batches are skipped)")
     p.add_argument("--layout", default="flat", choices=sampler.LAYOUTS,
-                   help="flat: NNNNNN.png; geneval: IIIII/samples/NNNN.png; npz: flat plus samples.npz")
+                   help="flat: NNNNNN.png (a video: NNNNNN.mp4); geneval: IIIII/samples/NNNN.png; npz: flat plus "
+                        "samples.npz; vbench (videos): videos/PROMPT-N.mp4")
     p.add_argument("--batch", type=positive_int, default=1, help="images per call (changes the images)")
     p.add_argument("--seed", type=int, default=0, help="base seed: batch i is seeded SEED + i")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -3,7 +3,8 @@
 Every variant runs the same inputs with the same seeds as the unpatched model. Tokens are compared
 draw by draw (``fastvar.models.sampling.recording_draws``): at each scale, the fraction of tokens
 (Infinity: of tokens with all their bits) equal to the unpatched run's. Images are compared by PSNR and
-SSIM from torchmetrics (the ``compare`` extra).
+SSIM from torchmetrics (the ``compare`` extra); a video by the PSNR of all its frames together and the mean
+SSIM of its frames.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from fastvar.bench import StepClock
 from fastvar.extras import install_hint
 from fastvar.models.sampling import recording_draws
 from fastvar.pipelines.base import Pipeline, Preset, preset_name
+from fastvar.video import Output, frames_of
+
+GRID_FRAMES = 4  # a video's cell in the grid: this many of its frames, evenly spaced, side by side
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,17 @@ class VariantReport:
     peak_memory: int | None  # bytes, CUDA only
     flop_ratio: float
     agreement: tuple[float | None, ...]  # per scale; None where the variant skips the scale
-    psnr: tuple[float, ...]  # dB per image against the unpatched one (inf: identical)
+    psnr: tuple[float, ...]  # dB per image (video) against the unpatched one (inf: identical)
     ssim: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The reports, unpatched first, and every variant's images (input-major, then seed)."""
+    """The reports, unpatched first, and every variant's images or videos (input-major, then seed)."""
 
-    scales: tuple[str, ...]  # 'h x w' of the token map drawn at every scale
+    scales: tuple[str, ...]  # 'h x w' (InfinityStar: 't x h x w') of the token map drawn at every scale
     reports: tuple[VariantReport, ...]
-    images: Mapping[str, Sequence[Image.Image]]
+    images: Mapping[str, Sequence[Output]]
 
     def table(self) -> str:
         base = self.reports[0]
@@ -68,6 +72,9 @@ class Comparison:
             rows.append(("peak GiB", [f"{r.peak_memory / 2**30:.2f}" for r in self.reports]))
         lines = [f"{'':>16}" + "".join(f"{r.name:>{width}}" for r in self.reports)]
         lines += [f"{label:>16}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+        if all(a is None for a in base.agreement):
+            lines.append("tokens: this model's sampler records no draws to compare")
+            return "\n".join(lines)
         lines.append("tokens equal to the unpatched run, per scale:")
         for si, scale in enumerate(self.scales):
             cells = "".join(f"{'skipped':>{width}}" if r.agreement[si] is None else f"{r.agreement[si]:>{width}.4f}"
@@ -87,8 +94,9 @@ class Comparison:
 
     def grid(self) -> Image.Image:
         """One row per image (input, seed), one column per variant, unpatched first, under a strip naming each
-        column (a name too long for its column is cut, ending in '...')."""
-        columns = [self.images[r.name] for r in self.reports]
+        column (a name too long for its column is cut, ending in '...'). A video's cell is a strip of its
+        frames (``GRID_FRAMES``, evenly spaced, the first and the last among them)."""
+        columns = [[cell(output) for output in self.images[r.name]] for r in self.reports]
         w, h = columns[0][0].size
         font = ImageFont.load_default(size=max(12, w // 20))
         pad = font.size // 3
@@ -110,6 +118,18 @@ class Comparison:
         self.grid().save(out / "grid.png")
 
 
+def cell(output: Output) -> Image.Image:
+    """An image, or a strip of a video's frames, evenly spaced from the first to the last."""
+    frames = frames_of(output)
+    shown = [frames[round(i * (len(frames) - 1) / (GRID_FRAMES - 1))] for i in range(GRID_FRAMES)] \
+        if len(frames) > 1 else frames
+    w, h = shown[0].size
+    strip = Image.new("RGB", (len(shown) * w, h))
+    for i, frame in enumerate(shown):
+        strip.paste(frame, (i * w, 0))
+    return strip
+
+
 def fitted(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     """``text``, or its longest start ending in '...' that ``font`` draws within ``width`` pixels."""
     if font.getlength(text) <= width:
@@ -119,20 +139,22 @@ def fitted(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     return text + "..."
 
 
-def image_metrics(images: Sequence[Image.Image], references: Sequence[Image.Image]) -> tuple[list[float], list[float]]:
-    """PSNR (dB) and SSIM of each image against its reference, both in [0, 1] RGB."""
+def image_metrics(images: Sequence[Output], references: Sequence[Output]) -> tuple[list[float], list[float]]:
+    """PSNR (dB) and SSIM of each image against its reference, both in [0, 1] RGB; of a video (frames of the
+    size and number of its reference's), the PSNR of all its frames together and the mean SSIM of its frames."""
     try:
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     except ImportError as err:  # an optional dependency
         raise ImportError(f"image metrics need torchmetrics: {install_hint('compare')}") from err
 
-    def batch(pictures: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures])).permute(0, 3, 1, 2) / 255
+    def batch(outputs: Sequence[Output]) -> torch.Tensor:  # (N, T, 3, H, W)
+        frames = [[np.asarray(f.convert("RGB")) for f in frames_of(o)] for o in outputs]
+        return torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3) / 255
 
     x, y = batch(images), batch(references)
-    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
-    return psnr.tolist(), ssim.reshape(-1).tolist()
+    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3, 4))
+    ssim = structural_similarity_index_measure(x.flatten(0, 1), y.flatten(0, 1), data_range=1.0, reduction="none")
+    return psnr.tolist(), ssim.reshape(x.shape[:2]).mean(dim=1).tolist()
 
 
 def compare(
@@ -156,7 +178,7 @@ def compare(
     device = pipe.device
     clock = StepClock(find_adapter(pipe.transformer).blocks(pipe.transformer)[0], pipe.vae.decoder, device)
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in named}
-    images: dict[str, list[Image.Image]] = {n: [] for n in named}
+    images: dict[str, list[Output]] = {n: [] for n in named}
     draws: dict[str, list[list[torch.Tensor]]] = {n: [] for n in named}
     peaks: dict[str, int | None] = dict.fromkeys(named)
     summaries: dict[str, fastvar.Summary] = {}
@@ -192,9 +214,9 @@ def compare(
             name, preset_name(preset),
             tuple(t for t, _ in times[name]), tuple(s for _, s in times[name]), peaks[name],
             summaries[name].flop_ratio if name in summaries else 1.0,
-            token_agreement(draws[name], draws["unpatched"], [h * w for h, w in drawn_maps]), tuple(psnr),
+            token_agreement(draws[name], draws["unpatched"], [math.prod(m) for m in drawn_maps]), tuple(psnr),
             tuple(ssim)))
-    return Comparison(tuple(f"{h}x{w}" for h, w in drawn_maps), tuple(reports), images)
+    return Comparison(tuple("x".join(map(str, m)) for m in drawn_maps), tuple(reports), images)
 
 
 def token_agreement(runs: Sequence[Sequence[torch.Tensor]], references: Sequence[Sequence[torch.Tensor]],

@@ -1,7 +1,8 @@
-"""Evaluation sets: many images from one pipeline, deterministic, resumable, sharded over processes.
+"""Evaluation sets: many images (or videos) from one pipeline, deterministic, resumable, sharded over processes.
 
-The work is cut into batches in a fixed order; each batch's seed comes from the base seed and its index,
-so the images do not depend on how many processes share the work. What is on disk, and how a run that
+The work is cut into batches in a fixed order; each batch's seed comes from the base seed and its index
+(for a pipeline seeded per row, each image's from the base seed and the image's index), so the images do not
+depend on how many processes share the work. What is on disk, and how a run that
 starts again trusts it, is ``fastvar.run_folder``'s. Under ``torch.distributed`` rank 0 checks the folder
 and tells every rank which batches are left (one broadcast), each rank takes every world-th of them, and
 rank 0 writes the run's metadata and summary after a barrier.
@@ -28,8 +29,10 @@ from fastvar import run_folder
 from fastvar.models.sampling import check_seed
 from fastvar.pipelines.base import Pipeline, Preset, preset_name
 from fastvar.run_folder import STATE, batch_record, check_out_dir
+from fastvar.video import av_module, frames_of, makes_videos, mp4_bytes
 
-LAYOUTS = ("flat", "geneval", "npz")
+LAYOUTS = ("flat", "geneval", "npz", "vbench")
+VBENCH_FOLDER = "videos"  # VBench reads every file of its folder as a video: the run's other files stay out
 MAX_IMAGES = 10_000_000  # per run: 200 ImageNet FID sets; more is a typo, not an evaluation
 
 
@@ -38,8 +41,9 @@ class Item:
     """One input line: the pipeline's input (a prompt or class id), its image count, and its own fields.
 
     ``seed`` gives the item its own batches (seeds ``seed``, ``seed + 1``, ... for its first, second, ...
-    batch); ``negative_prompt`` is Infinity's; ``metadata`` keeps the line's fields as given (GenEval's
-    ``tag`` and ``include`` ...), and is written beside its images.
+    batch, or image where the pipeline is seeded per row); ``negative_prompt`` is Infinity's; ``metadata``
+    keeps the line's fields as given (GenEval's ``tag`` and ``include``, VBench's ``prompt_en`` ...), and is
+    written beside its images.
     """
 
     input: str | int
@@ -54,6 +58,7 @@ class Batch:
     index: int
     seed: int
     images: tuple[tuple[int, int, int], ...]  # (image index, item index, sample number within the item)
+    image_seeds: tuple[int, ...]  # for a pipeline seeded per row: each image's
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -116,7 +121,9 @@ def plan_batches(items: Sequence[Item], batch_size: int, seed: int) -> Iterator[
     """The run's batches, in a fixed order, made as they are asked for: consecutive images, at most
     ``batch_size`` each. An item with its own seed, or a negative prompt where the previous has none (or the
     reverse), starts a new batch. Batch ``i`` is seeded ``seed + i``; an item's own seed ``s`` seeds its
-    ``j``-th batch ``s + j``."""
+    ``j``-th batch ``s + j``. For a pipeline seeded per row, image ``k`` is seeded ``seed + k``, and sample
+    ``j`` of an item with its own seed ``s + j``: unlike a batch's, an image's seed does not depend on the
+    batch size."""
     check_count(batch_size, "batch_size")
     current: list[tuple[int, int, int]] = []
     key: tuple | None = None
@@ -130,7 +137,9 @@ def plan_batches(items: Sequence[Item], batch_size: int, seed: int) -> Iterator[
         else:
             chunk = own_batches[current[0][1]] = own_batches.get(current[0][1], -1) + 1
             batch_seed = first.seed + chunk
-        batch = Batch(index, batch_seed, tuple(current))
+        image_seeds = tuple(seed + image if items[item].seed is None else items[item].seed + sample
+                            for image, item, sample in current)
+        batch = Batch(index, batch_seed, tuple(current), image_seeds)
         current.clear()
         return batch
 
@@ -147,9 +156,52 @@ def plan_batches(items: Sequence[Item], batch_size: int, seed: int) -> Iterator[
         yield flush()
 
 
-def image_path(layout: str, image: int, item: int, sample: int) -> str:
-    """Where an image goes, relative to the output folder."""
-    return f"{item:05d}/samples/{sample:04d}.png" if layout == "geneval" else f"{image:06d}.png"
+def seeded_per_row(family: type[Pipeline]) -> bool:
+    """Whether the family's call takes one seed per row, each row then being its input alone (InfinityStar);
+    the others draw a batch's rows from one seed."""
+    return family.seed_per_row
+
+
+def vbench_name(item: Item) -> str:
+    """The name VBench looks a video up by: the item's ``prompt_en`` (VBench's key for its prompt, kept when the
+    model gets a rewritten one, as InfinityStar's evaluation does), else its prompt."""
+    return str(item.metadata.get("prompt_en", item.input))
+
+
+def output_path(layout: str, items: Sequence[Item], image: int, item: int, sample: int, video: bool) -> str:
+    """Where an image (PNG) or a video (MP4) goes, relative to the output folder."""
+    if layout == "geneval":
+        return f"{item:05d}/samples/{sample:04d}.png"
+    if layout == "vbench":
+        return f"{VBENCH_FOLDER}/{vbench_name(items[item])}-{sample}.mp4"
+    return f"{image:06d}{'.mp4' if video else '.png'}"
+
+
+def check_layout(layout: str, items: Sequence[Item], videos: bool) -> None:
+    """Refuse a layout that cannot hold the run: GenEval's folders and the npz hold images; VBench's holds
+    videos, each named by its prompt (a file name, the same for no two items). Videos need PyAV."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
+    if videos and layout in ("geneval", "npz"):
+        raise ValueError(f"layout {layout!r} holds images; videos go in 'flat' (NNNNNN.mp4) or 'vbench' "
+                         "(PROMPT-N.mp4)")
+    if layout == "vbench" and not videos:
+        raise ValueError("layout 'vbench' holds videos (duration > 0); images go in 'flat', 'geneval' or 'npz'")
+    if videos:
+        av_module()
+    names: dict[str, int] = {}
+    for index, item in enumerate(items if layout == "vbench" else ()):
+        name = vbench_name(item)
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"item {index}: {name!r} cannot name a file, as VBench names each video by its prompt; "
+                             "give the item a 'prompt_en' to name it by")
+        if len(f"{name}-{item.n - 1}.mp4".encode()) > 255:
+            raise ValueError(f"item {index}: the prompt is too long for a file name (255 bytes with '-N.mp4'); give "
+                             "the item a shorter 'prompt_en' to name it by")
+        if name in names:
+            raise ValueError(f"items {names[name]} and {index} are both named {name!r}: their videos would overwrite "
+                             "each other in the vbench layout")
+        names[name] = index
 
 
 def fingerprint(family: type[Pipeline], items: Sequence[Item], layout: str, batch_size: int, seed: int,
@@ -185,8 +237,6 @@ def check_plan(family: type[Pipeline], items: Sequence[Item], out_dir: str | Pat
     """Everything ``sample`` refuses that is known before the pipeline is loaded: inputs, settings, the
     sampling options (as the pipeline's call checks them), and the output folder (another run, a lock, files
     of no run). Returns the folder."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
     if not items:
         raise ValueError("no items to generate")
     check_count(batch_size, "batch_size")
@@ -195,10 +245,14 @@ def check_plan(family: type[Pipeline], items: Sequence[Item], out_dir: str | Pat
         raise ValueError(f"{images} images asked for; a run makes at most {MAX_IMAGES:,} (split it into runs)")
     family.check_preset(preset)
     check_call_options(family, items, options)
-    batches = sum(1 for _ in plan_batches(items, batch_size, seed))
     check_seed(seed)
-    check_seed(seed + batches - 1, f"the last batch's seed (seed {seed} + {batches - 1})")
+    if seeded_per_row(family):
+        check_seed(seed + images - 1, f"the last image's seed (seed {seed} + {images - 1})")
+    else:
+        batches = sum(1 for _ in plan_batches(items, batch_size, seed))
+        check_seed(seed + batches - 1, f"the last batch's seed (seed {seed} + {batches - 1})")
     family.check_call(**{family.batch_argument: [i.input for i in items]}, **options)
+    check_layout(layout, items, makes_videos(family, options))
     out = check_out_dir(out_dir)
     rank, world = rank_and_world()
     problem = None
@@ -240,9 +294,11 @@ def sample(
 ) -> dict[str, Any] | None:
     """Generate every image of ``items`` into ``out_dir``; ``options`` go to every pipeline call (cfg, size ...).
 
-    ``layout``: ``flat`` (``NNNNNN.png`` and ``metadata.jsonl``), ``geneval`` (``IIIII/metadata.jsonl`` and
-    ``IIIII/samples/NNNN.png`` per item, as GenEval reads them) or ``npz`` (flat, plus ``samples.npz`` holding
-    the uint8 (N, H, W, 3) array ``arr_0`` that the ADM / VAR FID evaluation reads). ``preset``: a preset
+    ``layout``: ``flat`` (``NNNNNN.png``, a video ``NNNNNN.mp4``, and ``metadata.jsonl``), ``geneval``
+    (``IIIII/metadata.jsonl`` and ``IIIII/samples/NNNN.png`` per item, as GenEval reads them), ``npz`` (flat,
+    plus ``samples.npz`` holding the uint8 (N, H, W, 3) array ``arr_0`` that the ADM / VAR FID evaluation
+    reads) or ``vbench`` (videos: ``videos/PROMPT-N.mp4``, N the sample number of its item, as VBench reads
+    them; see ``vbench_name``). ``preset``: a preset
     name or config, or None for the unpatched model (``"default"``: the family's default preset).
 
     The same call again resumes: batches whose files are on disk as they were written are kept, the others
@@ -309,17 +365,21 @@ def run_batch(pipe: Pipeline, items: Sequence[Item], batch: Batch, out: Path, la
     call = dict(options)
     if chosen[0].negative_prompt is not None:
         call["negative_prompt"] = [i.negative_prompt for i in chosen]
+    per_row = seeded_per_row(type(pipe))
+    seeds = batch.image_seeds if per_row else (batch.seed,) * len(chosen)
     start = time.perf_counter()
-    images = pipe(**{pipe.batch_argument: [i.input for i in chosen]}, seed=batch.seed, preset=preset,
-                  progress=False, **call)
+    outputs = pipe(**{pipe.batch_argument: [i.input for i in chosen]}, seed=list(seeds) if per_row else batch.seed,
+                   preset=preset, progress=False, **call)
     seconds = time.perf_counter() - start
     records = []
-    for image, (index, item, sample_number) in zip(images, batch.images):
-        file = run_folder.write_atomic(out, image_path(layout, index, item, sample_number),
-                                       run_folder.png_bytes(image), rank)
+    for output, (index, item, sample_number), image_seed in zip(outputs, batch.images, seeds):
+        frames = frames_of(output)
+        video = len(frames) > 1
+        data = mp4_bytes(frames) if video else run_folder.png_bytes(frames[0])
+        file = run_folder.write_atomic(out, output_path(layout, items, index, item, sample_number, video), data, rank)
         records.append(dict(items[item].metadata, index=index, **file, item=item, sample=sample_number,
-                            seed=batch.seed, batch=batch.index, preset=preset_name(preset), size=list(image.size),
-                            seconds=seconds / len(images)))
+                            seed=image_seed, batch=batch.index, preset=preset_name(preset), size=list(frames[0].size),
+                            **({"frames": len(frames)} if video else {}), seconds=seconds / len(outputs)))
     return records
 
 

@@ -18,7 +18,7 @@ from fastvar.hub import load_checkpoint
 from fastvar.models.bsq_vae import BSQVAE
 from fastvar.models.hart import HART, HARTTokenizer
 from fastvar.models.infinity import Infinity
-from fastvar.models.infinitystar import Checkpoint, InfinityStar
+from fastvar.models.infinitystar import Checkpoint, InfinityStar, Official
 from fastvar.models.var import VAR, VQVAE
 from fastvar.models.video_vae import VideoVAE, VideoVAEConfig
 from fastvar.pruning import token_scores
@@ -494,3 +494,54 @@ def hub_offline(monkeypatch):
     fastvar.hub._probe.cache_clear()
     yield
     fastvar.hub._probe.cache_clear()
+
+
+# ----------------------------------------------------------------------------- tiny InfinityStar
+
+TINY_VIDEO_VAE = VideoVAEConfig(block_out_channels=(4, 4, 8, 8, 8), layers_per_block=0)  # the official strides
+# The official models' sampling at the smallest pixel budget (0.06M: 11 scales, 192x336 at 16:9) and with
+# videos of 1 or 2 seconds: the official schedules (480p and up) are far too big for a CPU test at any width.
+TINY_INFINITYSTAR = {
+    "infinitystar-8b-720p": Official("0.06M", Checkpoint(8, (2, 2) + (1,) * 9, (2,) + (1,) * 10), (0, 1)),
+    "infinitystar-8b-480p": Official("0.06M", Checkpoint(8, (1,) * 11, (1,) * 11), (0, 1, 2)),
+}
+
+
+def tiny_infinitystar_build(depth: int | None = None) -> tuple[InfinityStar, VideoVAE]:
+    """What ``fastvar.pipelines.infinitystar.build`` returns, tiny: width 64, 2 blocks, the text width of
+    ``tiny_text_encoder``, 64-bit codes; a video VAE of 4 to 8 channels."""
+    model = InfinityStar(text_channels=256, text_maxlen=512, embed_dim=64, depth=depth or 2, num_heads=2,
+                         num_key_value_heads=1, mlp_ratio=4.0, block_chunks=1)
+    return model, VideoVAE(TINY_VIDEO_VAE)
+
+
+@pytest.fixture
+def tiny_infinitystar(monkeypatch):
+    """InfinityStar pipelines build the tiny model and sample the tiny schedules (``TINY_INFINITYSTAR``)."""
+    import fastvar.pipelines.infinitystar
+
+    monkeypatch.setattr(fastvar.pipelines.infinitystar, "build", tiny_infinitystar_build)
+    monkeypatch.setattr(fastvar.pipelines.infinitystar, "OFFICIAL", TINY_INFINITYSTAR)
+
+
+def write_official_infinitystar(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A tiny InfinityStar release as downloaded: the 720p transformer as a folder of two safetensors shards
+    with their transformers index, ``infinitystar_videovae.pth`` (the VAE under ``"vae"``, with an encoder-side
+    key the decoder does not load), and flan-T5 in ``text_encoder/flan-t5-xl-official``."""
+    model, vae = tiny_infinitystar_build()
+    states = {"transformer": random_state(model, 7), "vae": random_state(vae, 8)}
+    shards = folder / "infinitystar_8b_720p_weights"
+    shards.mkdir(parents=True, exist_ok=True)
+    keys = sorted(states["transformer"])
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: states["transformer"][k].contiguous() for k in part}, shards / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.save({"vae": {**states["vae"], "encoder.conv_in.conv.weight": torch.ones(2)}},
+               folder / "infinitystar_videovae.pth")
+    encoder, tokenizer = tiny_text_encoder()
+    encoder.save_pretrained(folder / "text_encoder" / "flan-t5-xl-official")
+    tokenizer.save_pretrained(folder / "text_encoder" / "flan-t5-xl-official")
+    return states

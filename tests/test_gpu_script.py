@@ -21,7 +21,8 @@ def test_gpu_script_smoke_run_writes_every_case_and_the_table(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     cases = sorted(p.stem for p in tmp_path.glob("*.json"))
     assert cases == ["hart-0.7b-1024-b1", "infinity-2b-1024-b1", "infinity-2b-1024-b4", "infinity-2b-1344-b1",
-                     "infinity-8b-1024-b8", "var-d16-256-b1", "var-d16-256-b16"]  # the VAR depths share one stand-in
+                     "infinity-8b-1024-b8", "infinitystar-480p-5s-b1", "infinitystar-720p-5s-b1", "var-d16-256-b1",
+                     "var-d16-256-b16"]  # the VAR depths share one stand-in
     budgets = json.loads((tmp_path / "infinity-8b-1024-b8.json").read_text())
     assert [v["name"] for v in budgets["variants"]] == ["baseline", "scalekv-10", "paper-scalekv-10", "paper"]
     assert budgets["batch"] == 8 and all(v["images_per_second"] > 0 for v in budgets["variants"])

@@ -1,8 +1,10 @@
-"""The README runs as written: its Python blocks (those that download, on tiny stand-ins served as the
-Hugging Face cache), its command lines (parsed by the CLI), and the examples it lists."""
+"""The README runs as written: its Python blocks (those that download, and those too big for a CPU, on tiny
+stand-ins served as the Hugging Face cache), its command lines (parsed by the CLI), and the examples it
+lists."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import runpy
 import shlex
@@ -13,17 +15,27 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import tiny_var_pair, write_hub_cache, write_official_files
+from conftest import (
+    TINY_INFINITYSTAR,
+    tiny_infinitystar_build,
+    tiny_var_pair,
+    write_hub_cache,
+    write_official_files,
+    write_official_infinitystar,
+)
 
+import fastvar.pipelines.infinitystar
 from fastvar import cli
 from fastvar.kv_budget import KVBudget
+from fastvar.models.infinitystar import OFFICIAL
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCK = re.compile(r"(?:<!-- ([^>]*) -->\n)?```(python|bash)\n(.*?)```", re.S)
 BLOCKS = [(marker or "", lang, code) for marker, lang, code in BLOCK.findall(README)]
 PYTHON = [code for marker, lang, code in BLOCKS if lang == "python" and not marker]
-DOWNLOADS = [code for marker, lang, code in BLOCKS if lang == "python" and marker.startswith("downloads")]
+STAND_INS = ("downloads", "stand-ins")  # blocks run on tiny stand-ins: those that download, those too big for a CPU
+DOWNLOADS = [code for marker, lang, code in BLOCKS if lang == "python" and marker.startswith(STAND_INS)]
 COMMANDS = [shlex.split(line.split("  #")[0]) for marker, lang, code in BLOCKS if lang == "bash"
             for line in code.splitlines() if line.startswith("fastvar ")]
 COMMANDS += [["fastvar", *shlex.split(line.split("-m fastvar ")[1])] for marker, lang, code in BLOCKS
@@ -31,7 +43,7 @@ COMMANDS += [["fastvar", *shlex.split(line.split("-m fastvar ")[1])] for marker,
 
 
 def test_every_python_block_is_run_or_says_why_not():
-    skipped = [m for m, lang, _ in BLOCKS if lang == "python" and m and not m.startswith("downloads")]
+    skipped = [m for m, lang, _ in BLOCKS if lang == "python" and m and not m.startswith(STAND_INS)]
     assert all(marker.startswith("not run: ") for marker in skipped), skipped
     assert len(PYTHON) >= 4 and len(DOWNLOADS) >= 2 and len(COMMANDS) >= 10
 
@@ -58,9 +70,10 @@ def stand_in_files(tmp_path_factory) -> Path:
     shutil.copytree(files / "flan-t5-xl", root / "weights" / "flan-t5-xl")
     shutil.copytree(files / "hart", root / "hart-0.7b-1024px")
     shutil.copytree(files / "qwen", root / "Qwen2-VL-1.5B-Instruct")
+    write_official_infinitystar(root / "InfinityStar")
     hub = {"FoundationVision/var": ckpts, "FoundationVision/Infinity": root / "weights",
            "google/flan-t5-xl": files / "flan-t5-xl", "mit-han-lab/hart-0.7b-1024px": files / "hart",
-           "mit-han-lab/Qwen2-VL-1.5B-Instruct": files / "qwen"}
+           "mit-han-lab/Qwen2-VL-1.5B-Instruct": files / "qwen", "FoundationVision/InfinityStar": root / "InfinityStar"}
     for repo, folder in hub.items():
         write_hub_cache(root / "cache", repo, {str(f.relative_to(folder)): f for f in folder.rglob("*") if f.is_file()})
     return root
@@ -68,10 +81,15 @@ def stand_in_files(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def stand_in_world(stand_in_files, tmp_path, monkeypatch, tiny_official, hub_offline):
-    """The stand-in files as the working directory and the cache, the official architectures tiny, no connection."""
+    """The stand-in files as the working directory and the cache, the official architectures tiny (InfinityStar
+    sampled at its tiny budget with the official durations), no connection."""
     shutil.copytree(stand_in_files, tmp_path / "world")
     monkeypatch.chdir(tmp_path / "world")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "world" / "cache"))
+    monkeypatch.setattr(fastvar.pipelines.infinitystar, "build", tiny_infinitystar_build)
+    monkeypatch.setattr(fastvar.pipelines.infinitystar, "OFFICIAL", {
+        name: dataclasses.replace(TINY_INFINITYSTAR[name], durations=official.durations)
+        for name, official in OFFICIAL.items()})
 
 
 @pytest.mark.parametrize("code", DOWNLOADS, ids=[f"downloads{i}" for i in range(len(DOWNLOADS))])
@@ -91,6 +109,7 @@ def test_command_lines_pass_every_check_before_loading(argv, tmp_path, monkeypat
     (tmp_path / "evaluation_metadata.jsonl").write_text('{"prompt": "a photo of a bench", "tag": "single_object"}\n')
     for name in ("mjhq.txt", "prompts.txt"):
         (tmp_path / name).write_text("a red fox in the snow\n")
+    (tmp_path / "vbench.jsonl").write_text('{"prompt": "a red fox running in the snow", "prompt_en": "a fox"}\n')
     KVBudget.packaged("scalekv-10", 32).to_file(tmp_path / "budget.json")
     if "cuda" in argv:  # the GPU lines, on any machine
         monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)

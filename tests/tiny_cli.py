@@ -11,6 +11,7 @@ import conftest
 
 import fastvar.pipelines.hart
 import fastvar.pipelines.infinity
+import fastvar.pipelines.infinitystar
 import fastvar.pipelines.var
 import fastvar.run_folder
 from fastvar import cli
@@ -18,6 +19,8 @@ from fastvar import cli
 fastvar.pipelines.var.build = conftest.tiny_var_pair
 fastvar.pipelines.infinity.build = conftest.tiny_infinity_build
 fastvar.pipelines.hart.build = conftest.tiny_hart_build
+fastvar.pipelines.infinitystar.build = conftest.tiny_infinitystar_build
+fastvar.pipelines.infinitystar.OFFICIAL = conftest.TINY_INFINITYSTAR
 delay = float(os.environ.get("TINY_CLI_WRITE_DELAY", 0))
 if delay:
     write = fastvar.run_folder.write_atomic

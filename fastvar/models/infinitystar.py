@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fastvar.attention import flash_attn_func, flash_available
 from fastvar.models.infinity import FastRMSNorm
-from fastvar.models.sampling import check_sampling, check_seed
+from fastvar.models.sampling import check_sampling, check_seed, record_draws
 
 Scale = tuple[int, int, int]
 
@@ -395,14 +395,15 @@ class InfinityStar(nn.Module):
         """Every block in order."""
         return [block for chunk in self.block_chunks for block in chunk.module]
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As upstream: a ``cfg_uncond`` of another text length is cut, or completed with this model's rows."""
-        state_dict = dict(state_dict)
-        if "cfg_uncond" in state_dict:
-            old, new = state_dict["cfg_uncond"], self.cfg_uncond.data
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """As upstream loads it: a ``cfg_uncond`` of another text length is cut, or completed with this model's
+        rows (zeros for a model built on the meta device). ``fastvar.hub.load_checkpoint`` calls it."""
+        old, new = state_dict.get("cfg_uncond"), self.cfg_uncond
+        if old is not None and len(old) != len(new):
             n = min(len(old), len(new))
-            state_dict["cfg_uncond"] = torch.cat((old[:n].to(new), new[n:]))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            rest = torch.zeros(len(new) - n, new.shape[1]) if new.is_meta else new.detach()[n:]
+            state_dict = {**state_dict, "cfg_uncond": torch.cat((old[:n], rest.to(old)))}
+        return state_dict
 
     def prefix(self, label_B_or_BLT: tuple, negative_label_B_or_BLT: tuple | None,
                guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,6 +527,8 @@ class InfinityStar(nn.Module):
                     bits = self.sample(logits, generators).view(B, t, h, w, -1)
                     if si < gt_leak:
                         bits = gt_ls_Bl[step].to(device)
+                    if rep == reps[si] - 1:  # a scale's final bits, for runs compared draw by draw
+                        record_draws(bits)
                     codes = stretch_codes(bits_to_codes(bits), self.codebook_dim, target)
                     summed[-1] = F.interpolate(summed[-1], size=target, mode="trilinear") + codes
                     if rep < reps[si] - 1:

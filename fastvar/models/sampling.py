@@ -28,18 +28,24 @@ def sample_with_top_k_top_p_(
         logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), -torch.inf)
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
     drawn = torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
-    for draws in _recorders:
-        draws.append(drawn.clone())
+    record_draws(drawn)
     return drawn
 
 
 _recorders: list[list[torch.Tensor]] = []
 
 
+def record_draws(drawn: torch.Tensor) -> None:
+    """Hand a scale's draws to every ``recording_draws`` block that is open."""
+    for draws in _recorders:
+        draws.append(drawn.clone())
+
+
 @contextlib.contextmanager
 def recording_draws() -> Iterator[list[torch.Tensor]]:
-    """Collect every token draw made inside the block, one (B, l) tensor per call of the sampler (one per
-    scale; Infinity draws l = tokens x bits), to compare runs token by token."""
+    """Collect every token draw made inside the block, one (B, l) tensor per scale (Infinity draws l = tokens x
+    bits; InfinityStar hands the final run's bits of each scale, (B, t, h, w, bits)), to compare runs token by
+    token."""
     draws: list[torch.Tensor] = []
     _recorders.append(draws)
     try:

@@ -45,6 +45,7 @@ class Pipeline:
     adapter: ClassVar[type[Adapter]]  # how fastvar patches the transformer: its presets
     batch_argument: ClassVar[str]  # the __call__ argument listing one input per image
     dtypes: ClassVar[tuple[torch.dtype, ...]]  # the precisions the family runs in, float32 first
+    seed_per_row: ClassVar[bool] = False  # one seed per row (each row its input alone), not one per batch
 
     transformer: nn.Module
     vae: nn.Module
