@@ -195,9 +195,10 @@ def test_a_step_is_named_by_the_loop():
     assert model._fastvar.scale is None  # released after the call
 
 
-def test_kv_budgets_are_refused_by_name():
+def test_kv_budgets_are_refused_saying_why():
     model = tiny_infinitystar()
-    with pytest.raises(ValueError, match="KV budgets are not implemented for infinitystar"):
+    with pytest.raises(ValueError, match="KV budgets do not apply to infinitystar: a scale attends to the text, "
+                                         "itself and at most the last scale of the clip before"):
         fastvar.patch(model, kv_budget="scalekv-10")
     assert not fastvar.is_patched(model)
 

@@ -26,7 +26,7 @@ class Adapter:
     default_preset = "default"
     text_scales = 0  # leading scales of text tokens rather than token maps (HART's scale 0)
     schedule_per_call = False  # each sampling call brings its own schedule; scale_shapes is only the default
-    kv_budgets = True  # whether the family's KV cache takes budgets
+    no_kv_budgets: str | None = None  # why the family's KV cache takes no budgets; None where it does
     attention_module: type  # fastvar's self-attention class of the family, whose KV cache a budget cuts
     query_projection = "mat_qkv"  # its q, k, v projection: the first third makes the queries
 
@@ -47,8 +47,8 @@ class Adapter:
     def resolve(cls, config: FastVARConfig, shapes: Sequence[tuple[int, ...]], depth: int) -> Schedule:
         """``config`` resolved against a model of this family with these scale shapes and ``depth`` blocks;
         ``ValueError`` for what the family or the model cannot run."""
-        if config.kv_budget is not None and not cls.kv_budgets:
-            raise ValueError(f"KV budgets are not implemented for {cls.family}")
+        if config.kv_budget is not None and cls.no_kv_budgets:
+            raise ValueError(f"KV budgets do not apply to {cls.family}: {cls.no_kv_budgets}")
         return config.resolve(shapes, depth, cls.text_scales, cls.schedule_per_call, **cls.layout(shapes))
 
     @staticmethod

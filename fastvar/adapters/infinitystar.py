@@ -97,7 +97,8 @@ class InfinityStarAdapter(Adapter):
     description = "fastvar's InfinityStar (fastvar.models.infinitystar)"
     default_preset = "default"
     schedule_per_call = True
-    kv_budgets = False  # its cache holds the text and one scale per clip, not a growing cache to cut
+    no_kv_budgets = ("a scale attends to the text, itself and at most the last scale of the clip before, so its "
+                     "cache does not grow with the pyramid (the summary's KV rows); there is nothing to cut")
     presets = {
         # No official InfinityStar schedule exists. At 720p 5 s the last two scales of the video clip hold 61%
         # of the FLOPs and run once each: prune them as HART's official schedule prunes its last two (50%,
