@@ -203,6 +203,27 @@ def test_kv_budgets_are_refused_saying_why():
     assert not fastvar.is_patched(model)
 
 
+def test_upstream_infinitystar_is_refused_pointing_to_the_key_compatible_model():
+    """Upstream InfinityStar's model is a class named Infinity (no ``lvl_embed``, InfinityStar's semantic head):
+    neither the Infinity nor the InfinityStar adapter may take it, and the error says what to do instead."""
+
+    class Infinity(torch.nn.Module):  # the upstream attributes the adapters look at
+        def __init__(self):
+            super().__init__()
+            self.word_embed, self.semantic_head2 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            self.unregistered_blocks = []
+
+        def autoregressive_infer(self): ...
+
+        def autoregressive_infer_cfg(self): ...
+
+    model = Infinity()
+    with pytest.raises(TypeError, match=r"cannot patch this Infinity: it is upstream InfinityStar's model.*"
+                                        r"InfinityStarPipeline.from_pretrained"):
+        fastvar.patch(model)
+    assert not fastvar.is_patched(model)
+
+
 def test_positions_are_within_a_clip():
     model = tiny_infinitystar()
     fastvar.patch(model, prune={-1: 0.5}, repetitions={3: 1})

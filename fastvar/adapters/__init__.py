@@ -18,5 +18,8 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
+    for adapter in ADAPTERS:
+        if (refusal := adapter.refusal(model)) is not None:
+            raise TypeError(f"fastvar cannot patch this {type(model).__name__}: {refusal}")
     supported = "; ".join(f"{a.family} ({a.description})" for a in ADAPTERS)
     raise TypeError(f"fastvar cannot patch this {type(model).__name__}: supported families are {supported}")

@@ -35,6 +35,12 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
+    def refusal(model: nn.Module) -> str | None:
+        """What to do instead, for a model of this family that fastvar recognises but does not patch (an
+        upstream object whose loop it cannot drive); None for any other model."""
+        return None
+
+    @staticmethod
     def blocks(model: nn.Module) -> Sequence[nn.Module]:
         raise NotImplementedError
 

@@ -123,6 +123,15 @@ class InfinityStarAdapter(Adapter):
         return has_class_named(model, "InfinityStar") and all(hasattr(model, name) for name in REQUIRED)
 
     @staticmethod
+    def refusal(model: nn.Module) -> str | None:
+        """Upstream InfinityStar's model is a class named Infinity with InfinityStar's semantic head."""
+        if has_class_named(model, "Infinity") and hasattr(model, "semantic_head2"):
+            return ("it is upstream InfinityStar's model, which fastvar does not patch; load the same checkpoint "
+                    "into fastvar's key-compatible model (InfinityStarPipeline.from_pretrained, or "
+                    "fastvar.models.infinitystar.build() and fastvar.hub.load_checkpoint) and patch that")
+        return None
+
+    @staticmethod
     def blocks(model: nn.Module) -> list[nn.Module]:
         return list(model.unregistered_blocks)
 
