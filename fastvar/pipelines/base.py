@@ -174,6 +174,16 @@ class Pipeline:
         raise NotImplementedError
 
 
+def cut_depth(args: argparse.Namespace, random: bool, official: int, model: str) -> int:
+    """The depth of the model a command line names: ``--depth`` cuts ``model``'s ``official`` blocks, for
+    random weights only; ``ValueError`` for a depth it cannot have."""
+    if args.depth is not None and not random:
+        raise ValueError("--depth cuts the official model and needs --random-weights")
+    if args.depth is not None and not 1 <= args.depth <= official:
+        raise ValueError(f"--depth must be in 1..{official} for {model}, got {args.depth}")
+    return args.depth or official
+
+
 def preset_name(preset: Preset) -> str | None:
     """A preset's name, or a config's repr, for reports; None is the unpatched model."""
     return preset if preset is None or isinstance(preset, str) else repr(preset)

@@ -20,6 +20,7 @@ from fastvar.pipelines.base import (
     Pipeline,
     Preset,
     check_prompts,
+    cut_depth,
     load_pretrained,
     resolve_device,
     to_pil,
@@ -223,12 +224,9 @@ class HARTPipeline(Pipeline):
     @classmethod
     def model_plan(cls, args: argparse.Namespace, random: bool,
                    options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
-        if args.depth is not None and not random:
-            raise ValueError("--depth cuts the official model and needs --random-weights")
-        if args.depth is not None and not 1 <= args.depth <= OFFICIAL["depth"]:
-            raise ValueError(f"--depth must be in 1..{OFFICIAL['depth']}, got {args.depth}")
+        depth = cut_depth(args, random, OFFICIAL["depth"], "HART-0.7B")
         maps = [(pn, pn) for pn in OFFICIAL["patch_nums"][1:]]  # scale 0 is the text, in place of the 1x1 map
-        return [(1, OFFICIAL["context_token"]), *maps], args.depth or OFFICIAL["depth"]
+        return [(1, OFFICIAL["context_token"]), *maps], depth
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> HARTPipeline:

@@ -33,6 +33,7 @@ from fastvar.pipelines.base import (
     Pipeline,
     Preset,
     check_prompts,
+    cut_depth,
     load_pretrained,
     resolve_device,
     to_pil,
@@ -301,13 +302,10 @@ class InfinityPipeline(Pipeline):
     @classmethod
     def model_plan(cls, args: argparse.Namespace, random: bool,
                    options: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
-        official = OFFICIAL[f"infinity-{args.model}"][0]["depth"]
-        if args.depth is not None and not random:
-            raise ValueError("--depth cuts the official model and needs --random-weights")
-        if args.depth is not None and not 1 <= args.depth <= official:
-            raise ValueError(f"--depth must be in 1..{official} for infinity-{args.model}, got {args.depth}")
+        name = f"infinity-{args.model}"
+        depth = cut_depth(args, random, OFFICIAL[name][0]["depth"], name)
         schedule = pick_schedule(options.get("size"), options.get("aspect_ratio"), options.get("pixels", "1M"))
-        return [(h, w) for _, h, w in schedule], args.depth or official
+        return [(h, w) for _, h, w in schedule], depth
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> InfinityPipeline:

@@ -36,6 +36,7 @@ from fastvar.pipelines.base import (
     Pipeline,
     Preset,
     check_prompts,
+    cut_depth,
     load_pretrained,
     resolve_device,
     transformers_module,
@@ -393,26 +394,16 @@ class InfinityStarPipeline(Pipeline):
         parser.add_argument("--no-prompt-suffix", action="store_true",
                             help=f"encode the prompts without the official suffix '{PROMPT_SUFFIX}'")
 
-    @staticmethod
-    def depth(args: argparse.Namespace, random: bool) -> int:
-        """The depth of the model the options name; ``ValueError`` for a --depth the options cannot have."""
-        official = ARCHITECTURE["depth"]
-        if args.depth is not None and not random:
-            raise ValueError("--depth cuts the official model and needs --random-weights")
-        if args.depth is not None and not 1 <= args.depth <= official:
-            raise ValueError(f"--depth must be in 1..{official} for InfinityStar-8B, got {args.depth}")
-        return args.depth or official
-
     @classmethod
     def model_plan(cls, args: argparse.Namespace, random: bool,
                    options: dict[str, Any]) -> tuple[list[tuple[int, int, int]], int]:
         schedule = plan([f"infinitystar-{args.model}"], options.get("duration", 5), options.get("size"),
                         options.get("aspect_ratio"))
-        return schedule, cls.depth(args, random)
+        return schedule, cut_depth(args, random, ARCHITECTURE["depth"], "InfinityStar-8B")
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, random: bool) -> InfinityStarPipeline:
-        cls.depth(args, random)
+        cut_depth(args, random, ARCHITECTURE["depth"], "InfinityStar-8B")
         name = f"infinitystar-{args.model}"
         if random:
             return cls.random(name, args.depth, args.dtype, args.device)
